@@ -1,0 +1,3 @@
+from invariscope.cli import main
+
+main()

@@ -1,0 +1,22 @@
+"""Small helpers shared by the command modules."""
+
+from __future__ import annotations
+
+import click
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """Echo ``rows`` as a plain, aligned text table with the given column order."""
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for r in rows:
+        click.echo("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
+
+
+def fmt_number(x: float) -> str:
+    """Format a magnitude compactly (``inf`` stays ``inf``)."""
+    if x != x:
+        return "nan"
+    if x in (float("inf"), float("-inf")):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:g}"

@@ -1,0 +1,37 @@
+"""``invariscope demo``: the whole tool in one command on built-in data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from invariscope.cli._app import cli
+
+
+@cli.command("demo")
+@click.option("--out", default="demo-output", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Folder for tables and figures.")
+@click.option("--model", "model_name", default="simple-cnn", show_default=True)
+@click.option("--data", "data_name", default="digits", show_default=True)
+@click.option("--epochs", default=5, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--retrain", is_flag=True, help="Ignore the cached model and train again.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def demo_cmd(out, model_name, data_name, epochs, seed, device, retrain, no_progress) -> None:
+    """Train (or reuse from the cache) the default model and run every analysis stage.
+
+    The trained model is cached under $INVARISCOPE_CACHE (default ~/.cache/invariscope),
+    keyed by architecture, data, settings and version.
+
+    \b
+    Example:
+      invariscope demo --out demo-output
+    """
+    from invariscope.demo import run_demo
+    from invariscope.train import resolve_device
+
+    run_demo(out, model_name=model_name, data_name=data_name, epochs=epochs, seed=seed,
+             device=resolve_device(device), retrain=retrain, progress=not no_progress,
+             echo=click.echo)
