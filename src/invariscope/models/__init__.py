@@ -1,0 +1,50 @@
+"""Models: registry, Classifier wrapper, built-in nets, loading, checkpoints, activations.
+
+* :func:`register_model`, :func:`create_model`, :func:`list_models`, :func:`model_info`
+  -- a timm-style registry (built-ins: ``simple-cnn``, ``small-vgg``, ``small-resnet``).
+* :class:`Classifier` -- a network plus its preprocessing; takes ``[0, 1]`` images.
+* :func:`load_model` -- checkpoints, registry names, ``module:factory``,
+  ``torchvision:<name>``, ``timm:<name>`` with a local weights file; never downloads.
+* :func:`save_checkpoint` / :func:`load_checkpoint` -- one atomic checkpoint format.
+* :func:`capture_activations` / :class:`ActivationCapture` -- layer outputs from one
+  forward pass via hooks that are always removed.
+"""
+
+from invariscope.models import nets  # noqa: F401  (registers the built-in architectures)
+from invariscope.models.adapters import IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD
+from invariscope.models.capture import ActivationCapture, capture_activations
+from invariscope.models.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from invariscope.models.classifier import Classifier, default_layer_names
+from invariscope.models.loading import load_model
+from invariscope.models.nets import BasicBlock, SimpleCNN, SmallResNet, SmallVGG
+from invariscope.models.registry import (
+    ModelInfo,
+    create_model,
+    list_models,
+    model_info,
+    register_model,
+)
+
+__all__ = [
+    "ActivationCapture",
+    "BasicBlock",
+    "Classifier",
+    "FORMAT_VERSION",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "ModelInfo",
+    "SimpleCNN",
+    "SmallResNet",
+    "SmallVGG",
+    "capture_activations",
+    "create_model",
+    "default_layer_names",
+    "list_models",
+    "load_checkpoint",
+    "load_model",
+    "model_info",
+    "register_model",
+    "save_checkpoint",
+]

@@ -1,0 +1,319 @@
+"""Shared machinery of sweeps: input checks, image selection, batching, batched predictions.
+
+Private to :mod:`invariscope.measure.sweep` and :mod:`invariscope.measure.worst_case`.
+Everything here works on whole batches on the model's device; the only Python loops
+run over batches and magnitude chunks, never over images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from invariscope.errors import InvariscopeError, unknown_name
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------ model checks
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU when it has none)."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's class name and ``state_dict`` (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def dataset_classes(dataset: Dataset) -> list[str]:
+    """Class names of ``dataset`` (``dataset.classes``); an error when it has none."""
+    classes = getattr(dataset, "classes", None)
+    if classes is None:
+        raise InvariscopeError(
+            f"dataset {type(dataset).__name__} has no 'classes' attribute; give it a list of "
+            "class names (index = label)"
+        )
+    return [str(c) for c in classes]
+
+
+def check_logits(logits: object, batch: int, num_classes: int, where: str) -> torch.Tensor:
+    """Return ``logits`` if it is a finite float tensor ``[batch, num_classes]``, else raise."""
+    if not isinstance(logits, torch.Tensor):
+        raise InvariscopeError(
+            f"the model returned {type(logits).__name__}, not a logits tensor "
+            f"[B, {num_classes}]; wrap it so that forward returns the logits only"
+        )
+    if logits.dim() != 2 or logits.shape[0] != batch:
+        raise InvariscopeError(
+            f"the model output has shape {list(logits.shape)} for a batch of {batch}; it must be "
+            f"logits [B, num_classes] = [{batch}, {num_classes}] (flatten or select the logits)"
+        )
+    if logits.shape[1] != num_classes:
+        raise InvariscopeError(
+            f"the model outputs {logits.shape[1]} classes but the dataset has {num_classes}; "
+            "use a model trained on this dataset (or a dataset with matching classes)"
+        )
+    if not torch.isfinite(logits).all():
+        bad = "NaN" if torch.isnan(logits).any() else "infinite"
+        raise InvariscopeError(
+            f"the model returned {bad} logits ({where}); check the model weights and its "
+            "input normalisation"
+        )
+    return logits
+
+
+# --------------------------------------------------------------------- image selection
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """All labels of ``dataset`` as int64 ``[N]`` (reads every item if it keeps no label list)."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
+    if labels is not None:
+        return np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64).reshape(-1)
+    log.info("reading every item of %s to find its labels", type(dataset).__name__)
+    return np.array([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+def resolve_classes(spec: Sequence[str | int] | None, classes: Sequence[str]) -> list[int] | None:
+    """Class indices for ``spec`` (class names or indices; a name wins over an index)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str | int):
+        spec = [spec]
+    out = []
+    for item in spec:
+        text = str(item).strip()
+        if text in classes:
+            out.append(list(classes).index(text))
+            continue
+        try:
+            index = int(text)
+        except ValueError:
+            raise unknown_name("class", text, classes) from None
+        if not 0 <= index < len(classes):
+            raise InvariscopeError(
+                f"class index {index} is outside 0..{len(classes) - 1}; pass a class name or index "
+                f"of this dataset ({', '.join(list(classes)[:10])}{', ...' if len(classes) > 10 else ''})"
+            )
+        out.append(index)
+    if not out:
+        raise InvariscopeError("--classes is empty; name at least one class or leave it out")
+    return sorted(set(out))
+
+
+def select_indices(
+    dataset: Dataset,
+    *,
+    images: int | Sequence[int] | None,
+    classes: list[int] | None,
+    seed: int,
+) -> np.ndarray:
+    """Sorted dataset indices to measure.
+
+    ``images`` is ``None`` (all), a count N (a seeded random subset of N of the images of
+    the selected ``classes``, sorted; all of them if there are fewer) or explicit indices.
+    """
+    n = len(dataset)
+    if n == 0:
+        raise InvariscopeError("the dataset is empty; check --data (and its path or split)")
+    if images is not None and not isinstance(images, int | np.integer):
+        idx = np.unique(np.asarray(list(images), dtype=np.int64))
+        if len(idx) == 0 or idx.min() < 0 or idx.max() >= n:
+            raise InvariscopeError(f"image indices must lie in 0..{n - 1}; got {list(images)[:5]}")
+    else:
+        idx = np.arange(n, dtype=np.int64)
+    if classes is not None:
+        labels = dataset_labels(dataset)
+        idx = idx[np.isin(labels[idx], classes)]
+        if len(idx) == 0:
+            raise InvariscopeError("no image of the selected --classes is in the dataset; check --classes")
+    if isinstance(images, int | np.integer) and not isinstance(images, bool):
+        if images < 1:
+            raise InvariscopeError(f"--images must be at least 1, got {images}")
+        if images < len(idx):
+            rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
+            idx = np.sort(rng.choice(idx, size=int(images), replace=False))
+    return idx
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class _Indexed(Dataset):
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label = self.dataset[i][:2]
+        return image, int(label), i
+
+
+def _load_error(err: Exception) -> InvariscopeError:
+    message = " ".join(str(err).split())
+    return InvariscopeError(
+        f"could not read an image of the dataset ({type(err).__name__}: {message}); "
+        "fix or remove the file"
+    )
+
+
+def iter_batches(
+    dataset: Dataset, batches: Sequence[np.ndarray], *, num_workers: int = 0
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(batch_number, images[B,C,H,W] float32, labels[B] int64, indices[B] int64)``.
+
+    ``batches`` are lists of dataset indices (the batch number is the position in this
+    list). In-memory datasets (``images`` / ``labels`` tensors) are sliced; others are
+    read through a :class:`~torch.utils.data.DataLoader` with that batch sampler.
+    Unreadable items become an :class:`InvariscopeError`.
+    """
+    images = getattr(dataset, "images", None)
+    labels = getattr(dataset, "labels", None)
+    if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
+        for b, idx in enumerate(batches):
+            t = torch.as_tensor(idx, dtype=torch.int64)
+            yield b, images[t].float(), labels[t].long(), t
+        return
+    loader = DataLoader(
+        _Indexed(dataset),
+        batch_sampler=[list(map(int, idx)) for idx in batches],
+        num_workers=num_workers,
+    )
+    iterator = iter(loader)
+    b = 0
+    while True:
+        try:
+            x, y, i = next(iterator)
+        except StopIteration:
+            return
+        except InvariscopeError:
+            raise
+        except (OSError, ValueError, RuntimeError, SyntaxError) as err:
+            raise _load_error(err) from err
+        yield b, x.float(), torch.as_tensor(y).long(), torch.as_tensor(i).long()
+        b += 1
+
+
+def check_images(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    """Refuse images outside ``[0, 1]`` (with a hint) and labels outside the class range."""
+    if images.dim() != 4:
+        raise InvariscopeError(
+            f"dataset images must be [C, H, W] tensors, got batch shape {list(images.shape)}"
+        )
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise InvariscopeError(
+            f"dataset label {int(labels.max() if labels.max() >= num_classes else labels.min())} "
+            f"is outside 0..{num_classes - 1}; the dataset's classes do not match its labels"
+        )
+
+
+# ------------------------------------------------------------------------- predictions
+
+
+@dataclass
+class Predictions:
+    """Predictions of one forward chunk, on the CPU: ``n`` rows, ``k`` top classes, K classes."""
+
+    pred: torch.Tensor  # [n] int64
+    p_true: torch.Tensor  # [n] float32
+    correct: torch.Tensor  # [n] bool
+    top_class: torch.Tensor  # [n, k] int64
+    top_prob: torch.Tensor  # [n, k] float32
+
+
+def predict_chunk(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    top_k: int,
+    where: str,
+) -> tuple[Predictions, torch.Tensor]:
+    """One forward pass: ``(Predictions on the CPU, probabilities [n, K] on the device)``."""
+    logits = check_logits(model(images), images.shape[0], num_classes, where)
+    probs = torch.softmax(logits.float(), dim=1)
+    k = min(top_k, num_classes)
+    top_prob, top_class = probs.topk(k, dim=1)
+    p_true = probs.gather(1, labels[:, None]).squeeze(1)
+    pred = top_class[:, 0]
+    out = Predictions(
+        pred=pred.cpu(),
+        p_true=p_true.cpu(),
+        correct=(pred == labels).cpu(),
+        top_class=top_class.cpu(),
+        top_prob=top_prob.cpu(),
+    )
+    return out, probs
+
+
+def prediction_columns(p: Predictions) -> dict[str, np.ndarray]:
+    """Record columns ``pred, p_true, correct, top{i}_class, top{i}_prob`` from predictions."""
+    cols: dict[str, np.ndarray] = {
+        "pred": p.pred.numpy().astype(np.int64),
+        "p_true": p.p_true.numpy().astype(np.float32),
+        "correct": p.correct.numpy().astype(bool),
+    }
+    classes = p.top_class.numpy().astype(np.int32)
+    probs = p.top_prob.numpy().astype(np.float32)
+    for i in range(classes.shape[1]):
+        cols[f"top{i + 1}_class"] = classes[:, i]
+        cols[f"top{i + 1}_prob"] = probs[:, i]
+    return cols
+
+
+def concat_columns(chunks: list[dict[str, np.ndarray]]) -> pd.DataFrame:
+    """One DataFrame from column dictionaries with the same keys."""
+    if not chunks:
+        return pd.DataFrame()
+    return pd.DataFrame({key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]})
+
+
+# ------------------------------------------------------------------------ random draws
+
+_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
+    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
+    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
+    return x ^ (x >> np.uint64(31))
+
+
+def uniform_per_image(seed: int, indices: np.ndarray, count: int, stream: int = 0) -> np.ndarray:
+    """Uniform ``[0, 1)`` draws ``[B, count]`` that depend only on (seed, stream, index, draw).
+
+    A counter-based generator (SplitMix64 hashing), so an image gets the same draws
+    whichever batch it is in and whether or not the run was resumed.
+    """
+    with np.errstate(over="ignore"):
+        base = _splitmix64(np.array([seed, stream], dtype=np.uint64)).astype(np.uint64)
+        key = _splitmix64(base[0] ^ _splitmix64(np.asarray(indices, dtype=np.uint64) ^ base[1]))
+        draws = np.arange(count, dtype=np.uint64)
+        h = _splitmix64(key[:, None] ^ _splitmix64(draws + np.uint64(0x632BE59BD9B4E019))[None, :])
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))

@@ -1,0 +1,794 @@
+"""Transformation-sensitivity screening: magnitude sweeps of a classifier (Bunne et al. 2018).
+
+Strategy 1 of Bunne et al. 2018 ("Studying invariances of trained convolutional neural
+networks"): apply each transformation at increasing magnitude to a set of test images,
+record the predictions, and summarise them as accuracy curves, class-wise mean softmax
+curves and thresholds beyond which the network stops recognising a class. On top of the
+paper: per-image breaking magnitudes, two-parameter sweeps (heatmaps, as the paper's
+figure 2d) and the worst-case spatial search of Engstrom et al. 2019
+(:mod:`invariscope.measure.worst_case`).
+
+Tables (tidy pandas DataFrames; see :mod:`invariscope.measure.aggregate` for the measures):
+
+- ``records`` (per image, transformation, magnitude): ``transform, magnitude, index,
+  label, pred, p_true, correct, top1_class, top1_prob, ..., top5_class, top5_prob``
+  (``index`` is the dataset index; ``p_true`` the softmax probability of the true class);
+- ``softmax_sums`` (per part, class and magnitude): ``transform, magnitude, label,
+  count, softmax_sum`` (a length-K array: the sum of the softmax vectors);
+- ``breaking`` (per image): ``transform, index, label, pred_identity, break_low, break_high``;
+- aggregates ``accuracy``, ``class_accuracy``, ``softmax_curves`` (top 3 + "others"),
+  ``thresholds``, ``breaking_summary``; with pairs ``records_2d``, ``accuracy_2d``,
+  ``class_accuracy_2d``; with the worst case ``worst_case``, ``worst_case_summary``;
+  and ``classes`` (``label, name``), ``transforms`` (``transform, identity, unit,
+  n_magnitudes``) for the figures.
+
+Convention:
+    Images are ``[B, C, H, W]`` in ``[0, 1]`` and every transformation acts on them
+    before the model (which normalises). Magnitudes are in the transformation's own unit
+    (``invariscope transforms`` lists them); the identity magnitude is always swept.
+    Gaussian noise is seeded per image by ``dataset index + seed * 2**32``, with the same
+    noise image at every magnitude. Geometric warps fill with zeros.
+
+Execution: images are read in batches of ``batch_size`` (a *part* per transformation
+and batch, the unit of resumption), several magnitudes of a batch are stacked into one
+forward pass of at most ``forward_batch`` images, everything runs under
+``torch.inference_mode`` on the model's device, and only the top-5 classes and
+per-class softmax sums leave the device. With ``out=RUN_DIR`` the parts go to an
+:class:`invariscope.runs.store.RunStore`: an interrupted run resumes by skipping the
+finished parts, and the aggregates are computed at the end by streaming over the parts.
+
+Example:
+    >>> from invariscope.data import create_dataset
+    >>> from invariscope.models import create_model
+    >>> result = sweep(create_model("simple-cnn"), create_dataset("digits", "test"),
+    ...                ["rotation"], {"rotation": (-90, 90, 45)}, images=20)
+    >>> result.accuracy["magnitude"].tolist()
+    [-90.0, -45.0, 0.0, 45.0, 90.0]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import invariscope
+from invariscope.errors import InvariscopeError
+from invariscope.measure import aggregate as agg
+from invariscope.measure._sweep_core import (
+    check_images,
+    concat_columns,
+    dataset_classes,
+    iter_batches,
+    model_device,
+    model_fingerprint,
+    predict_chunk,
+    prediction_columns,
+    resolve_classes,
+    select_indices,
+)
+from invariscope.measure.worst_case import SpatialBudget, worst_case_batch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SweepResult", "demo_sweep", "resolve_magnitudes", "sweep", "sweep_2d"]
+
+#: Noise seeds are ``dataset index + seed * NOISE_SEED_STRIDE``.
+NOISE_SEED_STRIDE = 1 << 32
+
+#: Per-image tables (stored as parts) and aggregate tables (stored at the end).
+PART_TABLES = ("records", "softmax_sums", "breaking", "records_2d", "worst_case")
+AGGREGATE_TABLES = (
+    "accuracy", "class_accuracy", "softmax_curves", "thresholds", "breaking_summary",
+    "accuracy_2d", "class_accuracy_2d", "worst_case_summary", "classes", "transforms",
+)
+
+
+# ---------------------------------------------------------------------------- results
+
+
+@dataclass
+class SweepResult:
+    """What :func:`sweep` returns: aggregate tables in memory, per-image tables on demand.
+
+    Attributes:
+        aggregates: ``{name: DataFrame}`` for the names in :data:`AGGREGATE_TABLES` that
+            the sweep produced (e.g. no ``accuracy_2d`` without pairs).
+        run_dir: the run directory, or None for an in-memory sweep.
+        summary: a few headline numbers (also stored in the run's manifest).
+        figures: paths of the figures written (empty unless ``figures=True``).
+    """
+
+    aggregates: dict[str, pd.DataFrame]
+    run_dir: Path | None
+    summary: dict[str, Any]
+    figures: list[Path] = field(default_factory=list)
+    _store: Any = field(default=None, repr=False)
+
+    def table(self, name: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """An aggregate, or a per-image table read from the parts (``records``, ...)."""
+        if name in self.aggregates:
+            frame = self.aggregates[name]
+            return frame if columns is None else frame[list(columns)]
+        if name not in PART_TABLES:
+            raise InvariscopeError(
+                f"no table '{name}' in this sweep; known: "
+                f"{', '.join(sorted(set(self.aggregates) | set(PART_TABLES)))}"
+            )
+        return self._store.read_table(name, columns=columns)
+
+    def __getattr__(self, name: str) -> pd.DataFrame:
+        if name.startswith("_") or name in ("aggregates", "run_dir", "summary", "figures"):
+            raise AttributeError(name)
+        if name in AGGREGATE_TABLES or name in PART_TABLES:
+            return self.table(name)
+        raise AttributeError(name)
+
+
+class _MemoryStore:
+    """The subset of :class:`RunStore` a sweep uses, kept in memory (``out=None``)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, dict[str, pd.DataFrame]] = {}
+        self.aggregates: dict[str, pd.DataFrame] = {}
+
+    def pending(self, ids: Iterable[str]) -> list[str]:
+        return [p for p in ids if p not in self.parts]
+
+    def write_part(self, pid: str, tables: Mapping[str, pd.DataFrame]) -> None:
+        self.parts[pid] = dict(tables)
+
+    def iter_table(self, name: str, columns=None, filters=None):
+        for pid in sorted(self.parts):
+            frame = self.parts[pid].get(name)
+            if frame is None:
+                continue
+            for column, op, value in filters or ():
+                assert op == "=="
+                frame = frame[frame[column] == value]
+            yield pid, frame if columns is None else frame[list(columns)]
+
+    def read_table(self, name: str, columns=None) -> pd.DataFrame:
+        frames = [f for _, f in self.iter_table(name, columns)]
+        if not frames:
+            raise InvariscopeError(f"this sweep produced no '{name}' table")
+        return pd.concat(frames, ignore_index=True)
+
+    def write_aggregate(self, name: str, table: pd.DataFrame) -> None:
+        self.aggregates[name] = table
+
+
+# ------------------------------------------------------------------------ magnitudes
+
+
+def _transform_names(transforms: str | Sequence[str] | None) -> list[str]:
+    if transforms is None:
+        return []
+    if isinstance(transforms, str):
+        transforms = [t for t in transforms.split(",")]
+    names = [str(t).strip() for t in transforms]
+    if any(not n for n in names):
+        raise InvariscopeError("empty transformation name in --transforms; separate names by commas")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise InvariscopeError(f"transformation '{dup}' is listed twice; list each once")
+    return names
+
+
+def resolve_magnitudes(name: str, spec: Any = None) -> np.ndarray:
+    """Sorted float64 magnitudes of ``name`` for a sweep, always including the identity.
+
+    Args:
+        spec: ``None`` (the registry's default range), a range ``(start, stop[, step])``
+            tuple or ``"start:stop[:step]"`` string, or explicit values (list, array,
+            tensor). Every value is checked against the transformation's domain.
+    """
+    from invariscope.transforms import get_transform
+
+    tspec = get_transform(name)
+    if spec is None or isinstance(spec, str | tuple):
+        values = tspec.magnitudes(spec).numpy()
+    else:
+        values = torch.as_tensor(np.asarray(spec, dtype=np.float64).reshape(-1))
+        tspec.check(values)
+        values = values.numpy()
+    identity = float(tspec.identity)
+    values = np.unique(np.concatenate([values.astype(np.float64), [identity]]))
+    if len(values) < 2:
+        raise InvariscopeError(
+            f"{name}: the sweep has only the identity magnitude {identity:g}; give a range, "
+            f"e.g. --range {name}={tspec._example_range()}"
+        )
+    return values
+
+
+def _magnitude_lookup(magnitudes: Mapping[str, Any] | None, name: str) -> Any:
+    if magnitudes is None:
+        return None
+    return magnitudes.get(name)
+
+
+# ------------------------------------------------------------------------- part kernels
+
+
+def _noise_seeds(idx: torch.Tensor, seed: int) -> torch.Tensor:
+    return idx.to(torch.int64) + int(seed) * NOISE_SEED_STRIDE
+
+
+def _apply(name: str, images: torch.Tensor, mags: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    from invariscope.transforms import get_transform
+
+    spec = get_transform(name)
+    options = {"seed": seeds} if "seed" in spec.options else {}
+    return spec(images, mags.to(images.dtype), **options)
+
+
+def _apply_pair(
+    a: str, b: str, images: torch.Tensor, ma: torch.Tensor, mb: torch.Tensor, seeds: torch.Tensor
+) -> torch.Tensor:
+    """``b`` after ``a``; two geometric steps are fused into one warp by ``compose``."""
+    from invariscope.transforms import compose, get_transform
+
+    if get_transform(a).kind != "photometric" and get_transform(b).kind != "photometric":
+        return compose(images, [(a, ma.to(images.dtype)), (b, mb.to(images.dtype))])
+    return _apply(b, _apply(a, images, ma, seeds), mb, seeds)
+
+
+def _chunks(n_mags: int, batch: int, forward_batch: int) -> list[slice]:
+    per = max(1, forward_batch // max(batch, 1))
+    return [slice(s, min(s + per, n_mags)) for s in range(0, n_mags, per)]
+
+
+def _sweep_part(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    name: str,
+    mags: np.ndarray,
+    *,
+    num_classes: int,
+    top_k: int,
+    forward_batch: int,
+    seed: int,
+    identity: float,
+) -> dict[str, pd.DataFrame]:
+    """Records, softmax sums and breaking magnitudes of one (transformation, batch)."""
+    dev = x.device
+    b = x.shape[0]
+    mags_t = torch.as_tensor(mags, dtype=torch.float64)
+    seeds = _noise_seeds(idx, seed).to(dev)
+    uniq, inverse = torch.unique(y, return_inverse=True)
+    n_uniq = len(uniq)
+    sums = torch.zeros(len(mags) * n_uniq, num_classes, dtype=torch.float64, device=dev)
+    columns = []
+    idx_np = idx.cpu().numpy().astype(np.int64)
+    y_np = y.cpu().numpy().astype(np.int64)
+    for sl in _chunks(len(mags), b, forward_batch):
+        c = sl.stop - sl.start
+        m = mags_t[sl].repeat_interleave(b).to(dev)
+        images = _apply(name, x.repeat(c, 1, 1, 1), m, seeds.repeat(c))
+        labels = y.repeat(c)
+        where = f"{name} at magnitude {mags[sl.start]:g}" + (
+            f"..{mags[sl.stop - 1]:g}" if c > 1 else ""
+        )
+        pred, probs = predict_chunk(model, images, labels, num_classes, top_k, where)
+        mag_pos = torch.arange(sl.start, sl.stop, device=dev).repeat_interleave(b)
+        sums.index_add_(0, mag_pos * n_uniq + inverse.repeat(c), probs.double())
+        cols = {
+            "magnitude": np.repeat(mags[sl], b),
+            "index": np.tile(idx_np, c),
+            "label": np.tile(y_np, c),
+        }
+        cols.update(prediction_columns(pred))
+        columns.append(cols)
+    records = concat_columns(columns)
+    records.insert(0, "transform", name)
+    counts = torch.bincount(inverse, minlength=n_uniq).cpu().numpy()
+    sums_np = sums.cpu().numpy()
+    uniq_np = uniq.cpu().numpy().astype(np.int64)
+    softmax_sums = pd.DataFrame(
+        {
+            "transform": name,
+            "magnitude": np.repeat(mags, n_uniq),
+            "label": np.tile(uniq_np, len(mags)),
+            "count": np.tile(counts, len(mags)).astype(np.int64),
+            "softmax_sum": list(sums_np),
+        }
+    )
+    breaking = agg.breaking_magnitudes(records, identities={name: identity})
+    return {"records": records, "softmax_sums": softmax_sums, "breaking": breaking}
+
+
+def _pair_part(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    pair: tuple[str, np.ndarray, str, np.ndarray],
+    *,
+    num_classes: int,
+    top_k: int,
+    forward_batch: int,
+    seed: int,
+) -> dict[str, pd.DataFrame]:
+    """Records of one (pair of transformations, batch) over the full magnitude grid."""
+    a, mags_a, b_name, mags_b = pair
+    dev = x.device
+    b = x.shape[0]
+    grid_a = np.repeat(mags_a, len(mags_b))
+    grid_b = np.tile(mags_b, len(mags_a))
+    seeds = _noise_seeds(idx, seed).to(dev)
+    idx_np = idx.cpu().numpy().astype(np.int64)
+    y_np = y.cpu().numpy().astype(np.int64)
+    columns = []
+    for sl in _chunks(len(grid_a), b, forward_batch):
+        c = sl.stop - sl.start
+        ma = torch.as_tensor(grid_a[sl]).repeat_interleave(b).to(dev)
+        mb = torch.as_tensor(grid_b[sl]).repeat_interleave(b).to(dev)
+        images = _apply_pair(a, b_name, x.repeat(c, 1, 1, 1), ma, mb, seeds.repeat(c))
+        where = f"{a} x {b_name} at ({grid_a[sl.start]:g}, {grid_b[sl.start]:g})"
+        pred, _ = predict_chunk(model, images, y.repeat(c), num_classes, top_k, where)
+        cols = {
+            "magnitude_a": np.repeat(grid_a[sl], b),
+            "magnitude_b": np.repeat(grid_b[sl], b),
+            "index": np.tile(idx_np, c),
+            "label": np.tile(y_np, c),
+        }
+        cols.update(prediction_columns(pred))
+        columns.append(cols)
+    records = concat_columns(columns)
+    records.insert(0, "transform_a", a)
+    records.insert(2, "transform_b", b_name)
+    return {"records_2d": records}
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def _pairs(pairs: Iterable[Any] | None) -> list[tuple[str, str]]:
+    out = []
+    for pair in pairs or ():
+        items = pair.split(",") if isinstance(pair, str) else list(pair)
+        items = [str(p).strip() for p in items]
+        if len(items) != 2 or not all(items):
+            raise InvariscopeError(
+                f"a pair must name two transformations, e.g. translate_x,translate_y; got {pair!r}"
+            )
+        if items[0] == items[1]:
+            raise InvariscopeError(f"pair {pair!r} names the same transformation twice; pick two")
+        out.append((items[0], items[1]))
+    return out
+
+
+def _budget(worst_case: SpatialBudget | bool | Mapping[str, Any] | None) -> SpatialBudget | None:
+    if worst_case is None or worst_case is False:
+        return None
+    if worst_case is True:
+        return SpatialBudget()
+    if isinstance(worst_case, Mapping):
+        return SpatialBudget(**worst_case)
+    if isinstance(worst_case, SpatialBudget):
+        return worst_case
+    raise InvariscopeError(f"worst_case must be True, a SpatialBudget or a dict, got {worst_case!r}")
+
+
+def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    if device is None:
+        return model_device(model)
+    from invariscope.train import resolve_device
+
+    return resolve_device(device)
+
+
+@dataclass
+class _Plan:
+    transforms: dict[str, np.ndarray]
+    identities: dict[str, float]
+    units: dict[str, str]
+    pairs: list[tuple[str, np.ndarray, str, np.ndarray]]
+    budget: SpatialBudget | None
+    indices: np.ndarray
+    batches: list[np.ndarray]
+    part_ids: list[tuple[str, str, Any]]  # (part id, kind, payload)
+
+
+def _plan(
+    transforms, magnitudes, pairs, worst_case, dataset, *, images, classes, batch_size, seed
+) -> _Plan:
+    from invariscope.runs.store import part_id
+    from invariscope.transforms import get_transform
+
+    names = _transform_names(transforms)
+    pair_names = _pairs(pairs)
+    budget = _budget(worst_case)
+    if not names and not pair_names and budget is None:
+        raise InvariscopeError(
+            "nothing to sweep: give --transforms (e.g. rotation,translate_x), --pair or --worst-case"
+        )
+    if magnitudes is not None:
+        if not isinstance(magnitudes, Mapping):
+            if len(names) != 1:
+                raise InvariscopeError(
+                    "magnitudes must map transformation names to ranges when sweeping several "
+                    "transformations, e.g. {'rotation': (-180, 180, 5)}"
+                )
+            magnitudes = {names[0]: magnitudes}
+        wanted = set(names) | {n for p in pair_names for n in p}
+        for key in magnitudes:
+            if key not in wanted:
+                get_transform(key)  # unknown names get the usual error
+                raise InvariscopeError(
+                    f"a range is given for '{key}', which is not swept; add it to --transforms "
+                    "or drop its --range"
+                )
+    mags = {n: resolve_magnitudes(n, _magnitude_lookup(magnitudes, n)) for n in names}
+    pair_plan = [
+        (a, resolve_magnitudes(a, _magnitude_lookup(magnitudes, a)), b,
+         resolve_magnitudes(b, _magnitude_lookup(magnitudes, b)))
+        for a, b in pair_names
+    ]
+    all_names = list(dict.fromkeys([*names, *(n for p in pair_names for n in p)]))
+    identities = {n: float(get_transform(n).identity) for n in all_names}
+    units = {n: str(get_transform(n).unit) for n in all_names}
+    if batch_size < 1:
+        raise InvariscopeError(f"--batch-size must be at least 1, got {batch_size}")
+    class_ids = resolve_classes(classes, dataset_classes(dataset))
+    indices = select_indices(dataset, images=images, classes=class_ids, seed=seed)
+    batches = [indices[s : s + batch_size] for s in range(0, len(indices), batch_size)]
+    ids: list[tuple[str, str, Any]] = []
+    for b in range(len(batches)):
+        for n in names:
+            ids.append((part_id("sweep", n, b), "sweep", (n, b)))
+        for k, (a, _, bb, _) in enumerate(pair_plan):
+            ids.append((part_id("grid", f"{a}+{bb}", b), "pair", (k, b)))
+        if budget is not None:
+            ids.append((part_id("worst", b), "worst", (None, b)))
+    return _Plan(mags, identities, units, pair_plan, budget, indices, batches, ids)
+
+
+def _config(plan: _Plan, model: nn.Module, dataset: Dataset, *, seed, top_k, batch_size,
+            forward_batch, model_spec, data_spec) -> dict[str, Any]:
+    return {
+        "analysis": "sweep",
+        "version": 1,
+        "model": {"spec": model_spec, "fingerprint": model_fingerprint(model)},
+        "data": {
+            "spec": data_spec,
+            "name": getattr(dataset, "name", type(dataset).__name__),
+            "fingerprint": getattr(dataset, "fingerprint", None),
+            "size": len(dataset),
+        },
+        "images": {"count": len(plan.indices), "indices_sha256": _indices_hash(plan.indices)},
+        "transforms": {n: m.tolist() for n, m in plan.transforms.items()},
+        "pairs": [[a, ma.tolist(), b, mb.tolist()] for a, ma, b, mb in plan.pairs],
+        "worst_case": None if plan.budget is None else plan.budget.to_dict(),
+        "seed": int(seed),
+        "top_k": int(top_k),
+        "batch_size": int(batch_size),
+        "forward_batch": int(forward_batch),
+    }
+
+
+def _indices_hash(indices: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _aggregate(store, plan: _Plan, classes: list[str], fraction: float) -> dict[str, pd.DataFrame]:
+    """Aggregate tables, streaming over the parts (one part in memory at a time)."""
+    out: dict[str, pd.DataFrame] = {}
+    out["classes"] = pd.DataFrame({"label": np.arange(len(classes), dtype=np.int64),
+                                   "name": classes})
+    out["transforms"] = pd.DataFrame(
+        {
+            "transform": list(plan.identities),
+            "identity": [plan.identities[n] for n in plan.identities],
+            "unit": [plan.units[n] for n in plan.identities],
+        }
+    )
+    if plan.transforms:
+        counts = None
+        for _, part in store.iter_table(
+            "records", columns=["transform", "magnitude", "label", "correct", "p_true"]
+        ):
+            part_counts = agg.class_counts(part)
+            counts = part_counts if counts is None else agg.class_counts(
+                pd.concat([counts, part_counts], ignore_index=True)
+            )
+        out["accuracy"] = agg.accuracy_curve(counts)
+        out["class_accuracy"] = agg.class_accuracy_curve(counts)
+        curves, over = [], []
+        for name in plan.transforms:
+            sums = None
+            for _, part in store.iter_table("softmax_sums", filters=[("transform", "==", name)]):
+                sums = agg.combine_softmax_sums(
+                    part if sums is None else pd.concat([sums, part], ignore_index=True)
+                )
+            curves.append(agg.softmax_curves(sums))
+            over.append(agg.overtaken(sums, plan.identities))
+        out["softmax_curves"] = pd.concat(curves, ignore_index=True)
+        th = agg.thresholds(out["class_accuracy"], identities=plan.identities, fraction=fraction)
+        over_df = pd.concat(over, ignore_index=True)
+        th = th.merge(over_df, on=["transform", "label"], how="left")
+        th["overtaken_by_low"] = th["overtaken_by_low"].fillna(-1).astype("int64")
+        th["overtaken_by_high"] = th["overtaken_by_high"].fillna(-1).astype("int64")
+        out["thresholds"] = th
+        breaking = store.read_table(
+            "breaking", columns=["transform", "label", "break_low", "break_high"]
+        )
+        out["breaking_summary"] = agg.breaking_summary(breaking)
+        order = {n: i for i, n in enumerate(plan.transforms)}
+        for key in ("accuracy", "class_accuracy", "softmax_curves", "thresholds",
+                    "breaking_summary"):
+            frame = out[key]
+            out[key] = frame.sort_values("transform", key=lambda s: s.map(order),
+                                         kind="stable").reset_index(drop=True)
+    swept = {n: m for n, m in plan.transforms.items()}
+    for a, ma, b, mb in plan.pairs:
+        swept.setdefault(a, ma)
+        swept.setdefault(b, mb)
+    names = out["transforms"]["transform"]
+    out["transforms"]["n_magnitudes"] = [len(plan.transforms.get(n, [])) for n in names]
+    out["transforms"]["min_magnitude"] = [float(swept[n].min()) for n in names]
+    out["transforms"]["max_magnitude"] = [float(swept[n].max()) for n in names]
+    if plan.pairs:
+        counts = None
+        for _, part in store.iter_table(
+            "records_2d", columns=[*agg.KEYS_2D, "label", "correct", "p_true"]
+        ):
+            part_counts = agg.class_counts(part, agg.KEYS_2D)
+            counts = part_counts if counts is None else agg.class_counts(
+                pd.concat([counts, part_counts], ignore_index=True), agg.KEYS_2D
+            )
+        out["accuracy_2d"] = agg.accuracy_curve(counts, agg.KEYS_2D)
+        out["class_accuracy_2d"] = agg.class_accuracy_curve(counts, agg.KEYS_2D)
+    if plan.budget is not None:
+        per_image = store.read_table(
+            "worst_case", columns=["label", *(f"{s}_correct" for s in agg.WORST_CASE_SETTINGS)]
+        )
+        out["worst_case_summary"] = agg.worst_case_summary(per_image)
+    return out
+
+
+def _summary(aggregates: Mapping[str, pd.DataFrame], plan: _Plan, fraction: float) -> dict[str, Any]:
+    summary: dict[str, Any] = {"num_images": int(len(plan.indices)), "threshold_fraction": fraction}
+    th = aggregates.get("thresholds")
+    if th is not None:
+        overall = th[th["label"] == agg.ALL_CLASSES]
+        summary["identity_accuracy"] = (
+            float(overall["identity_accuracy"].iloc[0]) if len(overall) else None
+        )
+        summary["thresholds"] = {
+            r.transform: [None if math.isnan(r.threshold_low) else float(r.threshold_low),
+                          None if math.isnan(r.threshold_high) else float(r.threshold_high)]
+            for r in overall.itertuples(index=False)
+        }
+    wc = aggregates.get("worst_case_summary")
+    if wc is not None:
+        overall = wc[wc["label"] == agg.ALL_CLASSES]
+        summary["worst_case"] = {r.setting: float(r.accuracy) for r in overall.itertuples(index=False)}
+    return summary
+
+
+def sweep(
+    model: nn.Module,
+    dataset: Dataset,
+    transforms: str | Sequence[str] | None = ("rotation",),
+    magnitudes: Mapping[str, Any] | Any | None = None,
+    *,
+    pairs: Iterable[Any] | None = None,
+    worst_case: SpatialBudget | bool | Mapping[str, Any] | None = None,
+    images: int | Sequence[int] | None = None,
+    classes: Sequence[str | int] | None = None,
+    batch_size: int = 128,
+    forward_batch: int = 1024,
+    top_k: int = 5,
+    seed: int = 0,
+    threshold_fraction: float = 0.5,
+    device: str | torch.device | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    figures: bool | None = None,
+    progress: bool = False,
+    num_workers: int = 0,
+    model_spec: str | None = None,
+    data_spec: str | None = None,
+) -> SweepResult:
+    """Sweep ``transforms`` over their magnitudes on ``dataset`` and summarise the predictions.
+
+    Args:
+        model: a classifier: ``[B, C, H, W]`` images in ``[0, 1]`` -> logits ``[B, K]``,
+            ``K = len(dataset.classes)``. Put in eval mode for the sweep (restored after).
+        dataset: yields ``(image [C, H, W] in [0, 1], label)``; has ``classes``.
+        transforms: registered names (list or ``"rotation,zoom"``); may be empty with
+            ``pairs`` or ``worst_case``.
+        magnitudes: ``{name: spec}`` with spec a range ``(start, stop[, step])`` or
+            ``"start:stop[:step]"``, or explicit values (list / array); missing names use
+            the registry's default range. The identity magnitude is always added.
+        pairs: two-parameter sweeps, e.g. ``[("translate_x", "translate_y")]``, over the
+            full grid of both transformations' magnitudes (geometric pairs in ONE warp).
+        worst_case: ``True`` or a :class:`~invariscope.measure.worst_case.SpatialBudget`
+            for the rotation x translation worst-case search (Engstrom et al. 2019).
+        images: N (a seeded random subset of N images, sorted) or explicit indices.
+        classes: only images of these classes (names or indices).
+        batch_size: images per part (unit of resumption and of the per-part tables).
+        forward_batch: most images per forward pass; ``forward_batch // batch_size``
+            magnitudes of one batch share a forward pass.
+        top_k: number of top classes recorded per image (at most K).
+        seed: seeds the image subset, the noise (``index + seed * 2**32``) and the
+            worst-case random draws.
+        threshold_fraction: see :func:`invariscope.measure.aggregate.thresholds`.
+        device: where to run (the model is moved there); default: the model's device.
+        out: run directory; parts are stored there and a rerun resumes. A directory
+            holding another configuration is refused unless ``overwrite``.
+        figures: render the figures into ``out/figures`` (default: True when ``out``).
+        model_spec, data_spec: how the model and data were named (stored in the config).
+
+    Returns:
+        A :class:`SweepResult`. Raises :class:`InvariscopeError` for bad input (checked
+        before anything is written where possible; a failure later leaves the run
+        directory "running", without aggregates).
+    """
+    from tqdm.auto import tqdm
+
+    if not 0.0 < threshold_fraction <= 1.0:
+        raise InvariscopeError(f"--threshold must be in (0, 1], got {threshold_fraction}")
+    if forward_batch < 1:
+        raise InvariscopeError(f"--forward-batch must be at least 1, got {forward_batch}")
+    if top_k < 1:
+        raise InvariscopeError(f"top_k must be at least 1, got {top_k}")
+    class_names = dataset_classes(dataset)
+    num_classes = len(class_names)
+    model_classes = getattr(model, "num_classes", None)
+    if isinstance(model_classes, int) and model_classes != num_classes:
+        raise InvariscopeError(
+            f"the model has {model_classes} classes but the dataset has {num_classes}; use a "
+            "model trained on this dataset (or a dataset with matching classes)"
+        )
+    plan = _plan(transforms, magnitudes, pairs, worst_case, dataset, images=images,
+                 classes=classes, batch_size=batch_size, seed=seed)
+    dev = _resolve_device(device, model)
+    if device is not None:
+        model.to(dev)
+    config = _config(plan, model, dataset, seed=seed, top_k=top_k, batch_size=batch_size,
+                     forward_batch=forward_batch, model_spec=model_spec, data_spec=data_spec)
+    if out is not None:
+        from invariscope.runs.store import RunStore
+
+        store = RunStore(out, config, overwrite=overwrite)
+        store.update_meta({"invariscope": invariscope.__version__, "torch": torch.__version__,
+                           "device": str(dev), "threshold_fraction": threshold_fraction})
+    else:
+        store = _MemoryStore()
+    todo = store.pending([pid for pid, _, _ in plan.part_ids])
+    todo_set = set(todo)
+    pending_batches = sorted({payload[1] for pid, _, payload in plan.part_ids if pid in todo_set})
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(todo), disable=not progress, unit="part", leave=False)
+    try:
+        with torch.inference_mode():
+            for pos, x, y, idx in iter_batches(
+                dataset, [plan.batches[b] for b in pending_batches], num_workers=num_workers
+            ):
+                b = pending_batches[pos]
+                check_images(x, y, num_classes)
+                x, y_dev = x.to(dev), y.to(dev)
+                for pid, kind, payload in plan.part_ids:
+                    if payload[1] != b or pid not in todo_set:
+                        continue
+                    if kind == "sweep":
+                        name = payload[0]
+                        tables = _sweep_part(
+                            model, x, y_dev, idx, name, plan.transforms[name],
+                            num_classes=num_classes, top_k=top_k, forward_batch=forward_batch,
+                            seed=seed, identity=plan.identities[name],
+                        )
+                    elif kind == "pair":
+                        tables = _pair_part(
+                            model, x, y_dev, idx, plan.pairs[payload[0]],
+                            num_classes=num_classes, top_k=top_k, forward_batch=forward_batch,
+                            seed=seed,
+                        )
+                    else:
+                        tables = {"worst_case": worst_case_batch(
+                            model, x, y_dev, idx, plan.budget, num_classes=num_classes,
+                            forward_batch=forward_batch, seed=seed,
+                        )}
+                    store.write_part(pid, tables)
+                    bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+    aggregates = _aggregate(store, plan, class_names, threshold_fraction)
+    summary = _summary(aggregates, plan, threshold_fraction)
+    for name, table in aggregates.items():
+        store.write_aggregate(name, table)
+    written: list[Path] = []
+    run_dir = Path(out) if out is not None else None
+    if figures if figures is not None else out is not None:
+        if out is None:
+            raise InvariscopeError("figures need a run directory; pass out=RUN_DIR")
+        from invariscope.plots.sweep import render_sweep_figures
+
+        stored = {name: store.read_aggregate(name) for name in aggregates}
+        written = render_sweep_figures(stored, store.path("figures"), fraction=threshold_fraction,
+                                       budget=None if plan.budget is None else plan.budget.describe())
+    if out is not None:
+        store.finalize(summary, expected_parts=[pid for pid, _, _ in plan.part_ids])
+    return SweepResult(aggregates, run_dir, summary, written, store)
+
+
+def sweep_2d(
+    model: nn.Module,
+    dataset: Dataset,
+    pair: tuple[str, str] | str,
+    magnitudes: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> SweepResult:
+    """Two-parameter sweep of ``pair`` (e.g. ``("translate_x", "translate_y")``).
+
+    The same as ``sweep(model, dataset, [], magnitudes, pairs=[pair], **kwargs)``; the
+    tables are ``records_2d``, ``accuracy_2d`` and ``class_accuracy_2d``.
+    """
+    return sweep(model, dataset, [], magnitudes, pairs=[pair], **kwargs)
+
+
+# ------------------------------------------------------------------------------- demo
+
+
+def _fmt_side(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
+
+
+def demo_sweep(model: nn.Module, dataset: Dataset, out_dir: str | Path) -> str:
+    """The sweep stage of ``invariscope demo``: a short screening with figures (~10 s on 2 cores).
+
+    Sweeps rotation, horizontal translation and Gaussian noise on the test set, a
+    translate_x x translate_y grid and the worst-case spatial search on 100 images,
+    writes the run (tables and figures) to ``out_dir`` and returns a short summary.
+    """
+    h = int(dataset[0][0].shape[-1])
+    result = sweep(
+        model,
+        dataset,
+        ["rotation", "translate_x", "gaussian_noise"],
+        {
+            "rotation": (-180, 180, 15),
+            "translate_x": (-0.4, 0.4, 0.05),
+            "gaussian_noise": (0.0, 1.0, 0.1),
+            "translate_y": (-0.3, 0.3, 0.075),
+        },
+        pairs=[("translate_x", "translate_y")],
+        worst_case=SpatialBudget(max_angle=30.0, max_shift=3.0 * h / 28.0, angles=7, shifts=3,
+                                 k=10),
+        out=out_dir,
+        overwrite=True,
+        figures=True,
+    )
+    th = result.aggregates["thresholds"]
+    overall = th[th["label"] == agg.ALL_CLASSES].set_index("transform")
+    units = result.aggregates["transforms"].set_index("transform")["unit"]
+    parts = [
+        f"{name} {_fmt_side(r.threshold_low)}/{_fmt_side(r.threshold_high)} {units.get(name, '')}"
+        for name, r in overall.iterrows()
+    ]
+    wc = result.summary.get("worst_case", {})
+    return (
+        f"{result.summary['num_images']} images, identity accuracy "
+        f"{result.summary['identity_accuracy']:.3f}; accuracy halves at " + "; ".join(parts)
+        + f". Worst case (+-30 deg, +-{3.0 * h / 28.0:g} px): natural {wc.get('natural', 0):.3f}, "
+        f"random {wc.get('random', 0):.3f}, worst-of-10 {wc.get('worst_of_k', 0):.3f}, "
+        f"grid {wc.get('grid', 0):.3f}. {len(result.figures) // 2} figures in {out_dir}/figures"
+    )

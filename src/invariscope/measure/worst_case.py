@@ -1,0 +1,223 @@
+"""Worst-case spatial robustness: rotation x translation search (Engstrom et al. 2019).
+
+Engstrom, Tran, Tsipras, Schmidt, Madry, "Exploring the landscape of spatial
+robustness" (ICML 2019) evaluate a classifier under combined rotations and
+translations within a budget in four ways, reported here per image and as accuracies:
+
+- **natural**: the untransformed image;
+- **random**: one transformation drawn uniformly from the budget;
+- **worst-of-k**: correct only if all of k uniform draws (k = 10) are classified correctly;
+- **grid**: correct only if every point of a grid over the budget is classified
+  correctly (their grid: 31 angles x 5 x 5 translations). The *worst point* of the
+  grid is the one with the lowest probability of the true class.
+
+Convention:
+    A transformation ``(angle, tx, ty)`` rotates by ``angle`` degrees (counter-clockwise
+    as displayed, about the image centre) and then translates by ``(tx, ty)`` pixels
+    (right / down), fused into ONE warp (``invariscope.transforms.compose``), filling
+    with zeros. The budget is ``|angle| <= max_angle`` and ``|tx|, |ty| <= max_shift``
+    pixels; grid axes are ``linspace(-max, max, n)`` (odd ``n`` contains the identity).
+    Random draws depend only on ``(seed, dataset index, draw)``, so they are the same in
+    any batch and after a resume.
+
+Example:
+    >>> from invariscope.data import create_dataset
+    >>> from invariscope.models import create_model
+    >>> res = worst_case_spatial(create_model("simple-cnn"), create_dataset("digits", "test"),
+    ...                          SpatialBudget(angles=3, shifts=3, k=2), images=8)
+    >>> res.summary[res.summary["label"] == -1]["setting"].tolist()
+    ['natural', 'random', 'worst_of_k', 'grid']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from invariscope.errors import InvariscopeError
+from invariscope.measure._sweep_core import check_logits, uniform_per_image
+
+__all__ = ["SpatialBudget", "WorstCaseResult", "worst_case_batch", "worst_case_spatial"]
+
+
+@dataclass(frozen=True)
+class SpatialBudget:
+    """The rotation x translation budget and how it is searched.
+
+    Attributes:
+        max_angle: largest rotation in degrees (both signs).
+        max_shift: largest translation per axis in pixels (both signs); 3 px for
+            28 px images is the scale of Engstrom et al.'s 24 px on 224 px ImageNet.
+        angles: number of grid angles (31 in the paper).
+        shifts: number of grid translations per axis (5 in the paper).
+        k: number of random draws for worst-of-k (10 in the paper).
+    """
+
+    max_angle: float = 30.0
+    max_shift: float = 3.0
+    angles: int = 31
+    shifts: int = 5
+    k: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("max_angle", "max_shift"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and np.isfinite(value) and value >= 0):
+                raise InvariscopeError(f"worst-case {name} must be a finite number >= 0, got {value!r}")
+        for name in ("angles", "shifts", "k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise InvariscopeError(f"worst-case {name} must be an integer >= 1, got {value!r}")
+
+    def grid(self) -> np.ndarray:
+        """Grid points ``[G, 3]`` (angle deg, tx px, ty px), angle-major."""
+        a = np.linspace(-self.max_angle, self.max_angle, self.angles)
+        s = np.linspace(-self.max_shift, self.max_shift, self.shifts)
+        if self.angles == 1:
+            a = np.zeros(1)
+        if self.shifts == 1:
+            s = np.zeros(1)
+        ga, gx, gy = np.meshgrid(a, s, s, indexing="ij")
+        return np.stack([ga.ravel(), gx.ravel(), gy.ravel()], axis=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The budget as a plain dictionary (for run configurations)."""
+        return {k: (float(v) if isinstance(v, float) else int(v)) for k, v in asdict(self).items()}
+
+    def describe(self) -> str:
+        """E.g. ``"+-30 deg, +-3 px, grid 31x5x5, k=10"``."""
+        return (f"+-{self.max_angle:g} deg, +-{self.max_shift:g} px, grid "
+                f"{self.angles}x{self.shifts}x{self.shifts}, k={self.k}")
+
+
+def _transform(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Rotate then translate ``images`` by ``params`` ``[n, 3]`` (deg, px, px) in one warp."""
+    from invariscope.transforms import compose
+
+    h, w = images.shape[-2:]
+    params = params.to(images.device, images.dtype)
+    return compose(
+        images,
+        [("rotation", params[:, 0]), ("translate_x", params[:, 1] / w),
+         ("translate_y", params[:, 2] / h)],
+    )
+
+
+def _evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: torch.Tensor,
+    num_classes: int,
+    forward_batch: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(correct [B, P], p_true [B, P])`` for per-image parameters ``params`` ``[B, P, 3]``."""
+    b, p = params.shape[:2]
+    correct = torch.empty(b, p, dtype=torch.bool, device=x.device)
+    p_true = torch.empty(b, p, dtype=torch.float32, device=x.device)
+    per = max(1, forward_batch // b)
+    for s in range(0, p, per):
+        c = min(per, p - s)
+        chunk = params[:, s : s + c].transpose(0, 1).reshape(c * b, 3)  # point-major
+        images = _transform(x.repeat(c, 1, 1, 1), chunk)
+        labels = y.repeat(c)
+        logits = check_logits(model(images), c * b, num_classes, "worst-case spatial search")
+        probs = torch.softmax(logits.float(), dim=1)
+        correct[:, s : s + c] = (probs.argmax(1) == labels).reshape(c, b).T
+        p_true[:, s : s + c] = probs.gather(1, labels[:, None]).reshape(c, b).T
+    return correct, p_true
+
+
+def worst_case_batch(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    budget: SpatialBudget,
+    *,
+    num_classes: int,
+    forward_batch: int = 1024,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per-image worst-case table of one batch (call under ``torch.inference_mode``).
+
+    Args:
+        x: images ``[B, C, H, W]`` in ``[0, 1]`` on the model's device; y: labels ``[B]``;
+        idx: dataset indices ``[B]`` (they seed the random draws).
+
+    Returns:
+        Columns ``index, label, natural_correct, random_correct, worst_of_k_correct,
+        grid_correct, worst_angle, worst_tx_px, worst_ty_px, worst_p_true``.
+    """
+    b = x.shape[0]
+    dev = x.device
+    grid = torch.as_tensor(budget.grid(), dtype=torch.float64)
+    u = uniform_per_image(seed, idx.cpu().numpy(), 3 * budget.k, stream=1).reshape(b, budget.k, 3)
+    lim = np.array([budget.max_angle, budget.max_shift, budget.max_shift])
+    draws = torch.as_tensor((2.0 * u - 1.0) * lim, dtype=torch.float64)
+    params = torch.cat(
+        [torch.zeros(b, 1, 3, dtype=torch.float64), draws, grid.expand(b, -1, -1)], dim=1
+    ).to(dev)
+    correct, p_true = _evaluate(model, x, y, params, num_classes, forward_batch)
+    k = budget.k
+    grid_correct = correct[:, 1 + k :]
+    grid_p = p_true[:, 1 + k :]
+    worst = grid_p.argmin(dim=1).cpu().numpy()
+    g = budget.grid()
+    return pd.DataFrame(
+        {
+            "index": idx.cpu().numpy().astype(np.int64),
+            "label": y.cpu().numpy().astype(np.int64),
+            "natural_correct": correct[:, 0].cpu().numpy(),
+            "random_correct": correct[:, 1].cpu().numpy(),
+            "worst_of_k_correct": correct[:, 1 : 1 + k].all(dim=1).cpu().numpy(),
+            "grid_correct": grid_correct.all(dim=1).cpu().numpy(),
+            "worst_angle": g[worst, 0],
+            "worst_tx_px": g[worst, 1],
+            "worst_ty_px": g[worst, 2],
+            "worst_p_true": grid_p.min(dim=1).values.cpu().numpy().astype(np.float32),
+        }
+    )
+
+
+@dataclass
+class WorstCaseResult:
+    """``per_image`` (see :func:`worst_case_batch`) and ``summary`` (``label, setting, n, accuracy``)."""
+
+    per_image: pd.DataFrame
+    summary: pd.DataFrame
+
+
+def worst_case_spatial(
+    model: nn.Module,
+    dataset: Dataset,
+    budget: SpatialBudget | None = None,
+    *,
+    images: int | Sequence[int] | None = None,
+    classes: Sequence[str | int] | None = None,
+    batch_size: int = 128,
+    forward_batch: int = 1024,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+) -> WorstCaseResult:
+    """Natural / random / worst-of-k / grid accuracy under rotation x translation.
+
+    A thin front to :func:`invariscope.measure.sweep.sweep` with ``worst_case=budget``
+    and no one-parameter sweep (so it shares batching, resumption and checks).
+    """
+    from invariscope.measure.sweep import sweep
+
+    result = sweep(model, dataset, [], worst_case=budget or SpatialBudget(), images=images,
+                   classes=classes, batch_size=batch_size, forward_batch=forward_batch,
+                   seed=seed, device=device, out=out, overwrite=overwrite, figures=False)
+    return WorstCaseResult(result.table("worst_case"), result.aggregates["worst_case_summary"])

@@ -1,0 +1,292 @@
+"""``Classifier``: a network plus the preprocessing and labels that belong to it.
+
+Every transformation in invariscope acts on ``[0, 1]`` pixels, as in the papers, so the
+mean/std normalisation is the model's business, not the data's: ``Classifier.forward``
+takes ``[B, C, H, W]`` images in ``[0, 1]``, optionally resizes them to ``input_size``,
+normalises them and runs the wrapped network.
+
+Convention:
+    * input: float ``[B, C, H, W]`` in ``[0, 1]``; ``C`` must equal ``input_size[0]``.
+    * normalisation: ``(x - mean[c]) / std[c]`` per channel, AFTER the optional resize.
+      ``mean`` and ``std`` are persistent buffers (they are in the ``state_dict``).
+    * resize (``resize=True``): bilinear, ``align_corners=False``, anti-aliased when
+      shrinking, to ``input_size[1:]``; only when the incoming ``H, W`` differ. With
+      ``resize=False`` (default) another size is an error, so no measurement silently
+      resamples its images.
+    * output: logits ``[B, num_classes]``.
+    * layer names are module paths relative to the Classifier (``"net.conv1"``); the
+      short form relative to the network (``"conv1"``) is accepted by :meth:`layer`.
+
+>>> import torch
+>>> from torch import nn
+>>> m = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), input_size=(1, 2, 2),
+...                mean=0.5, std=0.5, num_classes=3)
+>>> m(torch.rand(5, 1, 2, 2)).shape
+torch.Size([5, 3])
+>>> m.layer_names
+['net.0', 'net.1']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from invariscope.errors import InvariscopeError, unknown_name
+
+__all__ = ["Classifier", "default_layer_names"]
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def default_layer_names(net: nn.Module, prefix: str = "") -> list[str]:
+    """Probe-able layers of an arbitrary network, in registration order.
+
+    A network may declare them with a ``layer_names`` attribute (names relative to the
+    network). Otherwise its children are listed, containers (``Sequential``,
+    ``ModuleList``, ``ModuleDict``) expanded into their elements, so a torchvision
+    ResNet gives ``conv1, bn1, relu, maxpool, layer1.0, layer1.1, ..., avgpool, fc``.
+    TorchScript modules cannot take Python forward hooks, so they have none.
+    """
+    if isinstance(net, torch.jit.ScriptModule):
+        return []
+    declared = getattr(net, "layer_names", None)
+    if declared is not None:
+        return [prefix + n for n in declared]
+    names: list[str] = []
+    for child_name, child in net.named_children():
+        if isinstance(child, _CONTAINERS):
+            names.extend(default_layer_names(child, prefix + child_name + "."))
+        else:
+            names.append(prefix + child_name)
+    return names
+
+
+def _per_channel(value: float | Sequence[float] | torch.Tensor, channels: int, what: str):
+    t = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if t.numel() == 1:
+        t = t.expand(channels).clone()
+    if t.numel() != channels:
+        raise InvariscopeError(
+            f"{what} has {t.numel()} values but the model has {channels} channel(s); "
+            f"give one value or {channels}"
+        )
+    if not torch.isfinite(t).all():
+        raise InvariscopeError(f"{what} must be finite, got {t.tolist()}")
+    return t
+
+
+def _input_size(value: Sequence[int]) -> tuple[int, int, int]:
+    try:
+        size = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        size = ()
+    if len(size) != 3 or min(size) < 1:
+        raise InvariscopeError(f"input_size must be (C, H, W) of positive ints, got {value!r}")
+    return size  # type: ignore[return-value]
+
+
+def _shape(x: Any) -> str:
+    return str(list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+class Classifier(nn.Module):
+    """A classifier that takes ``[0, 1]`` images and owns its preprocessing.
+
+    Args:
+        net: the network; maps normalised ``[B, C, H, W]`` to logits ``[B, K]``.
+        input_size: ``(C, H, W)`` the network expects.
+        mean, std: per-channel normalisation (one value is broadcast); default 0.5 / 0.5,
+            i.e. the network sees ``2x - 1``.
+        class_names: label of each output; defaults to ``"0" .. "K-1"``.
+        num_classes: ``K``, needed only when ``class_names`` is not given.
+        resize: resize images of another ``H, W`` to ``input_size`` (else refuse them).
+        arch, arch_kwargs: how to rebuild ``net`` (registry name, ``module:factory``,
+            ``torchvision:<name>`` or ``timm:<name>``, and its keyword arguments);
+            set by :func:`create_model` / :func:`load_model`, used by checkpoints.
+        layer_names: probe-able layers, module paths relative to the Classifier
+            (``"net.conv1"``); default :func:`default_layer_names` of ``net``.
+
+    Shapes:
+        ``forward``: ``[B, C, H, W]`` in ``[0, 1]`` -> logits ``[B, K]``.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        input_size: Sequence[int],
+        mean: float | Sequence[float] = 0.5,
+        std: float | Sequence[float] = 0.5,
+        class_names: Sequence[str] | None = None,
+        num_classes: int | None = None,
+        resize: bool = False,
+        arch: str | None = None,
+        arch_kwargs: dict[str, Any] | None = None,
+        layer_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.input_size = _input_size(input_size)
+        channels = self.input_size[0]
+        self.register_buffer("mean", _per_channel(mean, channels, "mean"))
+        self.register_buffer("std", _per_channel(std, channels, "std"))
+        self._check_std(self.std)
+        if class_names is None:
+            if num_classes is None:
+                raise InvariscopeError("Classifier needs class_names or num_classes")
+            if int(num_classes) < 1:
+                raise InvariscopeError(f"num_classes must be >= 1, got {num_classes}")
+            class_names = [str(i) for i in range(int(num_classes))]
+        elif num_classes is not None and len(class_names) != int(num_classes):
+            raise InvariscopeError(
+                f"{len(class_names)} class names given for num_classes={num_classes}"
+            )
+        self._class_names = [str(c) for c in class_names]
+        self.resize = bool(resize)
+        self.arch = arch
+        self.arch_kwargs = dict(arch_kwargs or {})
+        if layer_names is None:
+            names = default_layer_names(net, "net.")
+        else:
+            names = [str(n) for n in layer_names]
+            modules = dict(self.named_modules())
+            for n in names:
+                if not n or n not in modules:
+                    raise InvariscopeError(
+                        f"layer name '{n}' is not a submodule of the Classifier "
+                        "(names are relative to it, e.g. 'net.conv1')"
+                    )
+        self.layer_names = names
+
+    # ------------------------------------------------------------------ labels
+    @property
+    def class_names(self) -> list[str]:
+        """Label of each output unit (a copy; assign a new list to relabel)."""
+        return list(self._class_names)
+
+    @class_names.setter
+    def class_names(self, names: Sequence[str]) -> None:
+        names = [str(c) for c in names]
+        if len(names) != len(self._class_names):
+            raise InvariscopeError(
+                f"{len(names)} class names given for a model with {len(self._class_names)} outputs"
+            )
+        self._class_names = names
+
+    @property
+    def num_classes(self) -> int:
+        """Number of outputs ``K``."""
+        return len(self._class_names)
+
+    # ----------------------------------------------------------- preprocessing
+    @staticmethod
+    def _check_std(std: torch.Tensor) -> None:
+        if (std <= 0).any():
+            raise InvariscopeError(f"std must be > 0, got {std.tolist()}")
+
+    def set_preprocessing(
+        self,
+        *,
+        input_size: Sequence[int] | None = None,
+        mean: float | Sequence[float] | None = None,
+        std: float | Sequence[float] | None = None,
+        resize: bool | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> Classifier:
+        """Change the preprocessing in place (``None`` keeps a value); returns self.
+
+        The channel count of ``input_size`` cannot change: it is fixed by the network.
+        """
+        if input_size is not None:
+            size = _input_size(input_size)
+            if size[0] != self.input_size[0]:
+                raise InvariscopeError(
+                    f"input_size {list(size)} has {size[0]} channel(s) but the network "
+                    f"takes {self.input_size[0]}"
+                )
+            self.input_size = size
+        channels = self.input_size[0]
+        with torch.no_grad():
+            if mean is not None:
+                self.mean.copy_(_per_channel(mean, channels, "mean"))
+            if std is not None:
+                new_std = _per_channel(std, channels, "std")
+                self._check_std(new_std)
+                self.std.copy_(new_std)
+        if resize is not None:
+            self.resize = bool(resize)
+        if class_names is not None:
+            self.class_names = class_names
+        return self
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a one-line :class:`InvariscopeError` unless ``x`` is a valid batch."""
+        c, h, w = self.input_size
+        expected = f"float images [B, {c}, {h}, {w}] in [0, 1]"
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise InvariscopeError(f"model expects {expected}, got {_shape(x)}")
+        if not x.is_floating_point():
+            raise InvariscopeError(
+                f"model expects {expected}, got dtype {x.dtype} with shape {_shape(x)}; "
+                "convert with x.float() / 255"
+            )
+        if x.shape[1] != c:
+            raise InvariscopeError(
+                f"model expects {expected}, got shape {_shape(x)} "
+                f"({x.shape[1]} channel(s) instead of {c})"
+            )
+        if not self.resize and tuple(x.shape[2:]) != (h, w):
+            raise InvariscopeError(
+                f"model expects {expected}, got shape {_shape(x)}; resize the images "
+                "or enable resizing (resize=True, --resize)"
+            )
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Check, resize (if enabled and needed) and normalise ``[0, 1]`` images.
+
+        Shapes: ``[B, C, H', W']`` -> ``[B, C, H, W]`` with ``(C, H, W) = input_size``.
+        """
+        self.check_input(x)
+        size = tuple(self.input_size[1:])
+        if tuple(x.shape[2:]) != size:
+            shrink = x.shape[2] > size[0] or x.shape[3] > size[1]
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+        mean = self.mean.to(x.dtype).view(1, -1, 1, 1)
+        std = self.std.to(x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` of ``[0, 1]`` images ``x`` ``[B, C, H, W]``."""
+        return self.net(self.preprocess(x))
+
+    # ------------------------------------------------------------------ layers
+    def layer(self, name: str) -> nn.Module:
+        """The submodule called ``name`` (``"net.conv1"`` or, short, ``"conv1"``).
+
+        Any submodule path is accepted, not only those in :attr:`layer_names`.
+
+        Raises:
+            InvariscopeError: unknown name (lists :attr:`layer_names`).
+        """
+        modules = dict(self.named_modules())
+        if name:
+            if name in modules:
+                return modules[name]
+            if "net." + name in modules:
+                return modules["net." + name]
+        raise unknown_name("layer", name, self.layer_names)
+
+    def extra_repr(self) -> str:
+        return (
+            f"arch={self.arch!r}, input_size={self.input_size}, "
+            f"num_classes={self.num_classes}, mean={[round(v, 4) for v in self.mean.tolist()]}, "
+            f"std={[round(v, 4) for v in self.std.tolist()]}, resize={self.resize}"
+        )
