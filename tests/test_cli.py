@@ -44,7 +44,7 @@ def _one_line_error(capsys) -> str:
         (["train", "--augment", "spin=-3:3", "--epochs", "1"], "unknown transform"),
         (["train", "--augment", "zoom=-1:2", "--epochs", "1"], "zoom"),
         (["train", "--epochs", "zero"], "'zero' is not a valid integer"),
-        (["train", "--epochs", "0"], "--epochs must be at least 1"),
+        (["train", "--epochs", "0"], "0 is not in the range x>=1"),
         (["train", "--device", "cuda:7", "--epochs", "1"] if not torch.cuda.is_available()
          else ["train", "--device", "nodevice", "--epochs", "1"], "device"),
     ],

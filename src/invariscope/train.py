@@ -278,7 +278,7 @@ def model_for_dataset(name: str, dataset: Dataset, *, seed: int = 0, **kwargs) -
         raise InvariscopeError(f"the built-in models take square images; dataset images are {h}x{w}")
     classes = list(getattr(dataset, "classes", []))
     info = model_info(name)
-    accepted = set(info.get("defaults", {}))
+    accepted = set(info.defaults)
     derived = {"in_channels": c, "image_size": h, "num_classes": len(classes)}
     args = {k: v for k, v in derived.items() if k in accepted and v}
     args.update(kwargs)

@@ -7,10 +7,11 @@ import click
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
     """Echo ``rows`` as a plain, aligned text table with the given column order."""
-    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    rows = [{c: "-" if r.get(c) is None else r[c] for c in columns} for r in rows]
+    widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns}
     click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
     for r in rows:
-        click.echo("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
+        click.echo("  ".join(str(r[c]).ljust(widths[c]) for c in columns).rstrip())
 
 
 def fmt_number(x: float) -> str:

@@ -6,13 +6,6 @@ from invariscope.cli._app import cli
 from invariscope.cli._util import fmt_number, print_table
 
 
-def _domain(spec) -> str:
-    lo, hi, lo_open, hi_open = spec.domain
-    left = "(" if lo_open else "["
-    right = ")" if hi_open else "]"
-    return f"{left}{fmt_number(lo)}, {fmt_number(hi)}{right}"
-
-
 @cli.command("transforms")
 def transforms_cmd() -> None:
     """List the registered transformations with their conventions.
@@ -26,14 +19,17 @@ def transforms_cmd() -> None:
     rows = []
     for name in list_transforms():
         spec = get_transform(name)
-        start, stop, step = spec.default_range
+        sweep = "-"
+        if spec.default_range is not None:
+            sweep = ":".join(fmt_number(v) for v in spec.default_range)
+        identity = spec.identity
         rows.append(
             {
                 "name": name,
                 "kind": spec.kind,
-                "identity": fmt_number(spec.identity) if isinstance(spec.identity, float | int) else "I",
-                "domain": _domain(spec),
-                "sweep": f"{fmt_number(start)}:{fmt_number(stop)}:{fmt_number(step)}",
+                "identity": fmt_number(identity) if isinstance(identity, float | int) else "I",
+                "domain": spec.valid_range,
+                "sweep": sweep,
                 "unit": spec.unit,
                 "sign": spec.sign,
             }
@@ -57,8 +53,8 @@ def models_cmd() -> None:
     rows = []
     for name in list_models():
         info = model_info(name)
-        kwargs = ", ".join(f"{k}={v!r}" for k, v in info.get("defaults", {}).items())
-        rows.append({"name": name, "arguments": kwargs, "description": info.get("description", "")})
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in info.defaults.items())
+        rows.append({"name": name, "arguments": kwargs, "description": info.description})
     print_table(rows, ["name", "arguments", "description"])
 
 

@@ -14,8 +14,8 @@ from invariscope.cli._app import cli
               help="Registered architecture (see 'invariscope models').")
 @click.option("--data", "data_name", default="digits", show_default=True,
               help="Dataset name or path (see 'invariscope datasets').")
-@click.option("--epochs", default=5, show_default=True, type=int)
-@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seeds initial weights, shuffling and augmentation.")

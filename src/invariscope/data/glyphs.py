@@ -7,11 +7,12 @@ that the longer side of the box is 20 px (at 28 px resolution), put in a canvas 
 their centre of mass at the centre, as MNIST was made. Fonts that do not have the
 digits are dropped by :func:`digit_fonts` (see there).
 
-Each sample then gets, from a seeded generator and vectorised over the batch:
-a random stroke width (grey-scale dilation / erosion by max-pooling), a small random
-affine map (rotation, scale, aspect, shear, shift) and a smooth elastic displacement,
-applied in ONE bilinear resampling at twice the output resolution, then a 2x2 box
-filter down to ``[1, 28, 28]``. White digit on black, values in ``[0, 1]``.
+Each sample then gets, from a seeded generator and vectorised over the batch, at
+twice the output resolution: a random stroke width (grey-scale dilation / erosion by
+max-pooling, precomputed once per base glyph), then a small random affine map
+(rotation, scale, aspect, shear, shift) and a smooth elastic displacement applied in
+ONE bilinear resampling, then a 2x2 box filter down to ``[1, 28, 28]``. White digit on
+black, values in ``[0, 1]``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ MIN_DISTANCE = 2.0  # smallest L2 distance between two digits of one font (28 px
 
 @dataclass(frozen=True)
 class GlyphJitter:
-    """Ranges of the per-sample jitter (all uniform; lengths in pixels at 28 px).
+    """Ranges of the per-sample jitter: uniform in ``[-v, v]`` for a single number ``v``,
+    in ``[lo, hi]`` for a pair; lengths in pixels at 28 px.
 
     Convention: ``rotation_deg`` positive = counter-clockwise as displayed; the affine
     map acts about the image centre; ``stroke_px`` is the range of the target stroke

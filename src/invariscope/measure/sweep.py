@@ -26,8 +26,8 @@ Convention:
     Images are ``[B, C, H, W]`` in ``[0, 1]`` and every transformation acts on them
     before the model (which normalises). Magnitudes are in the transformation's own unit
     (``invariscope transforms`` lists them); the identity magnitude is always swept.
-    Gaussian noise is seeded per image by ``dataset index + seed * 2**32``, with the same
-    noise image at every magnitude. Geometric warps fill with zeros.
+    Gaussian noise is seeded per image by the dataset index (shifted by ``seed``, see
+    :data:`NOISE_SEED_MULTIPLIER`), with the same noise image at every magnitude. Geometric warps fill with zeros.
 
 Execution: images are read in batches of ``batch_size`` (a *part* per transformation
 and batch, the unit of resumption), several magnitudes of a batch are stacked into one
@@ -82,8 +82,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SweepResult", "demo_sweep", "resolve_magnitudes", "sweep", "sweep_2d"]
 
-#: Noise seeds are ``dataset index + seed * NOISE_SEED_STRIDE``.
-NOISE_SEED_STRIDE = 1 << 32
+#: Noise seeds are ``(dataset index + seed * NOISE_SEED_MULTIPLIER) mod 2**32``: the dataset
+#: indices themselves for ``seed=0``. (torch's CPU generator uses only the low 32 bits of a
+#: seed, so seeds that differ above bit 32 would give the same noise.)
+NOISE_SEED_MULTIPLIER = 0x9E3779B1
 
 #: Per-image tables (stored as parts) and aggregate tables (stored at the end).
 PART_TABLES = ("records", "softmax_sums", "breaking", "records_2d", "worst_case")
@@ -221,7 +223,8 @@ def _magnitude_lookup(magnitudes: Mapping[str, Any] | None, name: str) -> Any:
 
 
 def _noise_seeds(idx: torch.Tensor, seed: int) -> torch.Tensor:
-    return idx.to(torch.int64) + int(seed) * NOISE_SEED_STRIDE
+    offset = (int(seed) * NOISE_SEED_MULTIPLIER) % (1 << 32)
+    return (idx.to(torch.int64) + offset) % (1 << 32)
 
 
 def _apply(name: str, images: torch.Tensor, mags: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
@@ -626,8 +629,8 @@ def sweep(
         forward_batch: most images per forward pass; ``forward_batch // batch_size``
             magnitudes of one batch share a forward pass.
         top_k: number of top classes recorded per image (at most K).
-        seed: seeds the image subset, the noise (``index + seed * 2**32``) and the
-            worst-case random draws.
+        seed: seeds the image subset, the noise (per image: the dataset index shifted by
+            ``seed``; exactly the index for ``seed=0``) and the worst-case random draws.
         threshold_fraction: see :func:`invariscope.measure.aggregate.thresholds`.
         device: where to run (the model is moved there); default: the model's device.
         out: run directory; parts are stored there and a rerun resumes. A directory
@@ -755,40 +758,51 @@ def _fmt_side(value: float) -> str:
 def demo_sweep(model: nn.Module, dataset: Dataset, out_dir: str | Path) -> str:
     """The sweep stage of ``invariscope demo``: a short screening with figures (~10 s on 2 cores).
 
-    Sweeps rotation, horizontal translation and Gaussian noise on the test set, a
-    translate_x x translate_y grid and the worst-case spatial search on 100 images,
-    writes the run (tables and figures) to ``out_dir`` and returns a short summary.
+    Two runs under ``out_dir``: ``screening/`` sweeps rotation, horizontal translation
+    and Gaussian noise on the whole dataset; ``spatial/`` runs a translate_x x
+    translate_y grid and the worst-case rotation x translation search (+-30 deg, +-3 px
+    scaled to the image size, grid 7x3x3, k=10) on 100 images. Returns a short summary.
     """
+    out_dir = Path(out_dir)
     h = int(dataset[0][0].shape[-1])
-    result = sweep(
+    shift = 3.0 * h / 28.0
+    screening = sweep(
         model,
         dataset,
         ["rotation", "translate_x", "gaussian_noise"],
-        {
-            "rotation": (-180, 180, 15),
-            "translate_x": (-0.4, 0.4, 0.05),
-            "gaussian_noise": (0.0, 1.0, 0.1),
-            "translate_y": (-0.3, 0.3, 0.075),
-        },
-        pairs=[("translate_x", "translate_y")],
-        worst_case=SpatialBudget(max_angle=30.0, max_shift=3.0 * h / 28.0, angles=7, shifts=3,
-                                 k=10),
-        out=out_dir,
+        {"rotation": (-180, 180, 20), "translate_x": (-0.4, 0.4, 0.1),
+         "gaussian_noise": (0.0, 1.0, 0.2)},
+        out=out_dir / "screening",
         overwrite=True,
         figures=True,
     )
-    th = result.aggregates["thresholds"]
+    spatial = sweep(
+        model,
+        dataset,
+        [],
+        {"translate_x": (-0.3, 0.3, 0.075), "translate_y": (-0.3, 0.3, 0.075)},
+        pairs=[("translate_x", "translate_y")],
+        worst_case=SpatialBudget(max_angle=30.0, max_shift=shift, angles=7, shifts=3, k=10),
+        images=min(100, len(dataset)),
+        out=out_dir / "spatial",
+        overwrite=True,
+        figures=True,
+    )
+    th = screening.aggregates["thresholds"]
     overall = th[th["label"] == agg.ALL_CLASSES].set_index("transform")
-    units = result.aggregates["transforms"].set_index("transform")["unit"]
+    units = screening.aggregates["transforms"].set_index("transform")["unit"]
     parts = [
-        f"{name} {_fmt_side(r.threshold_low)}/{_fmt_side(r.threshold_high)} {units.get(name, '')}"
+        f"{name} {_fmt_side(r.threshold_low)}/{_fmt_side(r.threshold_high)} [{units.get(name, '')}]"
         for name, r in overall.iterrows()
     ]
-    wc = result.summary.get("worst_case", {})
+    wc = spatial.summary.get("worst_case", {})
+    figures = len(screening.figures + spatial.figures) // 2
     return (
-        f"{result.summary['num_images']} images, identity accuracy "
-        f"{result.summary['identity_accuracy']:.3f}; accuracy halves at " + "; ".join(parts)
-        + f". Worst case (+-30 deg, +-{3.0 * h / 28.0:g} px): natural {wc.get('natural', 0):.3f}, "
-        f"random {wc.get('random', 0):.3f}, worst-of-10 {wc.get('worst_of_k', 0):.3f}, "
-        f"grid {wc.get('grid', 0):.3f}. {len(result.figures) // 2} figures in {out_dir}/figures"
+        f"{screening.summary['num_images']} images, identity accuracy "
+        f"{screening.summary['identity_accuracy']:.3f}; accuracy halves at (low/high) "
+        + "; ".join(parts)
+        + f".\nWorst case on {spatial.summary['num_images']} images (+-30 deg, +-{shift:g} px): "
+        f"natural {wc.get('natural', 0):.3f}, random {wc.get('random', 0):.3f}, worst-of-10 "
+        f"{wc.get('worst_of_k', 0):.3f}, grid {wc.get('grid', 0):.3f}; {figures} figures in "
+        f"{out_dir}/*/figures"
     )

@@ -159,7 +159,11 @@ def plot_softmax_curves(
         labels = sorted(int(v) for v in curves["label"].unique())[:max_classes]
     labels = list(labels)
     rows, cols = max(len(labels), 1), max(len(order), 1)
-    fig = Figure(figsize=(3.3 * cols, 2.3 * rows), layout="constrained")
+    # a fixed grid (no constrained layout): many panels stay cheap to draw
+    width, height = 3.3 * cols + 0.9, 2.3 * rows + 1.1
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=0.9 / width, right=0.98, bottom=0.55 / height,
+                        top=1 - 0.75 / height, wspace=0.25, hspace=0.3)
     axes = fig.subplots(rows, cols, squeeze=False)
     for r, label in enumerate(labels):
         for c, tname in enumerate(order):
@@ -179,16 +183,18 @@ def plot_softmax_curves(
                             label=_class_name(cls, names) + (" (true)" if true else ""))
             if tname in identity:
                 ax.axvline(identity[tname], color="grey", ls=":", lw=0.8)
-            ax.set_ylim(-0.03, 1.03)
+            # headroom above 1 keeps the legend off the curves
+            ax.set_ylim(-0.03, 1.38)
+            ax.set_yticks(np.linspace(0.0, 1.0, 6))
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=6, loc="best", framealpha=0.6)
+            ax.legend(fontsize=6, loc="upper center", ncol=2, framealpha=0.8)
             if r == 0:
                 ax.set_title(tname)
             if r == rows - 1:
                 ax.set_xlabel(_axis_label(tname, units))
             if c == 0:
                 ax.set_ylabel(f"class {_class_name(label, names)}\nmean softmax")
-    fig.suptitle("Class-wise mean softmax (top 3 classes and others)")
+    fig.suptitle("Class-wise mean softmax (top 3 classes and others)", y=1 - 0.2 / height)
     return _save(fig, Path(out_dir), name)
 
 
