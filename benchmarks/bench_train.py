@@ -26,7 +26,9 @@ def main() -> None:
     parser.add_argument("--data", default="digits,glyphs")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
-    print(f"{'data':<8} {'train imgs':>10} {'gen s':>7} {'train s':>8} {'test acc':>9} {'of budget':>10}")
+    print(
+        f"{'data':<8} {'train imgs':>10} {'gen s':>7} {'train s':>8} {'test acc':>9} {'of budget':>10}"
+    )
     for name in args.data.split(","):
         t0 = time.perf_counter()
         train_set, test_set = create_dataset(name, "train"), create_dataset(name, "test")
@@ -35,8 +37,10 @@ def main() -> None:
         t1 = time.perf_counter()
         result = train(model, train_set, test_set=test_set, epochs=args.epochs, progress=False)
         secs = time.perf_counter() - t1
-        print(f"{name:<8} {len(train_set):>10} {gen:>7.1f} {secs:>8.1f} "
-              f"{result.test_accuracy:>9.4f} {(gen + secs) / BUDGET_S:>10.2f}")
+        print(
+            f"{name:<8} {len(train_set):>10} {gen:>7.1f} {secs:>8.1f} "
+            f"{result.test_accuracy:>9.4f} {(gen + secs) / BUDGET_S:>10.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,12 @@ def _one_line_error(capsys) -> str:
         (["train", "--augment", "zoom=-1:2", "--epochs", "1"], "zoom"),
         (["train", "--epochs", "zero"], "'zero' is not a valid integer"),
         (["train", "--epochs", "0"], "0 is not in the range x>=1"),
-        (["train", "--device", "cuda:7", "--epochs", "1"] if not torch.cuda.is_available()
-         else ["train", "--device", "nodevice", "--epochs", "1"], "device"),
+        (
+            ["train", "--device", "cuda:7", "--epochs", "1"]
+            if not torch.cuda.is_available()
+            else ["train", "--device", "nodevice", "--epochs", "1"],
+            "device",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, fragment, capsys, tmp_path):
@@ -78,8 +82,18 @@ def test_train_writes_checkpoint_that_reloads(tmp_path, capsys):
     from invariscope.train import evaluate
 
     out = tmp_path / "model.pt"
-    argv = ["train", "--data", "digits", "--epochs", "1", "--out", str(out), "--no-progress",
-            "--augment", "rotation=-10:10"]
+    argv = [
+        "train",
+        "--data",
+        "digits",
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--augment",
+        "rotation=-10:10",
+    ]
     assert run(argv) == 0
     printed = capsys.readouterr().out
     model, meta = load_checkpoint(out)
@@ -92,10 +106,15 @@ def test_train_writes_checkpoint_that_reloads(tmp_path, capsys):
 
 
 def test_python_dash_m_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "invariscope", "--help"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "invariscope", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "invariscope" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "invariscope", "models", "--bogus"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "invariscope", "models", "--bogus"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no such option" in proc.stderr.lower()

@@ -47,7 +47,9 @@ def test_same_seed_same_weights(digits_data):
     assert torch.equal(weights[0], weights[1])
     model = model_for_dataset("simple-cnn", train_set, seed=4)
     train(model, small, epochs=1, seed=4, progress=False)
-    assert not torch.equal(weights[0], torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(
+        weights[0], torch.cat([p.detach().flatten() for p in model.parameters()])
+    )
 
 
 def test_digits_reaches_90_percent_in_5_epochs(digits_data):

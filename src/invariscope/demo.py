@@ -76,7 +76,11 @@ def train_or_load(
         },
         sort_keys=True,
     )
-    path = cache_dir() / "models" / f"{model_name}_{data_name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    path = (
+        cache_dir()
+        / "models"
+        / f"{model_name}_{data_name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    )
     if path.exists() and not retrain:
         try:
             model, _ = load_checkpoint(path)
@@ -85,12 +89,22 @@ def train_or_load(
         except Exception as err:  # a corrupt cache entry is rebuilt, not fatal
             log.warning("ignoring unreadable cached model %s: %s", path, err)
     model = model_for_dataset(model_name, train_set, seed=seed)
-    result = train(model, train_set, test_set=test_set, epochs=epochs, seed=seed, device=device,
-                   progress=progress)
+    result = train(
+        model,
+        train_set,
+        test_set=test_set,
+        epochs=epochs,
+        seed=seed,
+        device=device,
+        progress=progress,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model.to("cpu"), path,
-                    train_config=dict(result.config, model=model_name, data=data_name),
-                    data_fingerprint=train_set.fingerprint)
+    save_checkpoint(
+        model.to("cpu"),
+        path,
+        train_config=dict(result.config, model=model_name, data=data_name),
+        data_fingerprint=train_set.fingerprint,
+    )
     model.to(device)
     return model, train_set, test_set, result.test_accuracy, False
 
@@ -125,12 +139,19 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, train_set, test_set, acc, cached = train_or_load(
-        model_name, data_name, epochs=epochs, seed=seed, device=device, retrain=retrain,
+        model_name,
+        data_name,
+        epochs=epochs,
+        seed=seed,
+        device=device,
+        retrain=retrain,
         progress=progress,
     )
     how = "reused from cache" if cached else f"trained for {epochs} epochs"
-    echo(f"[train] {model_name} on {data_name} ({len(train_set)} train / {len(test_set)} test "
-         f"images), {how} in {time.perf_counter() - t0:.1f} s: test accuracy {acc:.4f}")
+    echo(
+        f"[train] {model_name} on {data_name} ({len(train_set)} train / {len(test_set)} test "
+        f"images), {how} in {time.perf_counter() - t0:.1f} s: test accuracy {acc:.4f}"
+    )
     ctx = DemoContext(model, train_set, test_set, out, torch.device(device), acc)
     for name, stage in STAGES:
         if stages is not None and name not in stages:

@@ -52,7 +52,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """Return a usable device; ``cuda`` without a GPU is a one-line error."""
     dev = torch.device(device or "cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvariscopeError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+        raise InvariscopeError(
+            "--device cuda asked for, but no CUDA GPU is available; use --device cpu"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise InvariscopeError("--device mps asked for, but MPS is not available; use --device cpu")
     return dev
@@ -74,7 +76,9 @@ def iter_batches(
     """
     n = len(dataset)
     if n == 0:
-        raise InvariscopeError("the dataset is empty; check --data (and --images / --classes filters)")
+        raise InvariscopeError(
+            "the dataset is empty; check --data (and --images / --classes filters)"
+        )
     if shuffle:
         order = torch.randperm(n, generator=generator)
     else:
@@ -142,12 +146,16 @@ def parse_augment(items: list[str] | tuple[str, ...] | None) -> dict[str, tuple[
         name, sep, rng = item.partition("=")
         parts = rng.split(":")
         if not sep or len(parts) != 2:
-            raise InvariscopeError(f"--augment '{item}' must look like NAME=LOW:HIGH, e.g. rotation=-30:30")
+            raise InvariscopeError(
+                f"--augment '{item}' must look like NAME=LOW:HIGH, e.g. rotation=-30:30"
+            )
         spec = get_transform(name.strip())
         try:
             low, high = float(parts[0]), float(parts[1])
         except ValueError:
-            raise InvariscopeError(f"--augment '{item}': LOW and HIGH must be numbers, e.g. rotation=-30:30") from None
+            raise InvariscopeError(
+                f"--augment '{item}': LOW and HIGH must be numbers, e.g. rotation=-30:30"
+            ) from None
         if not low <= high:
             raise InvariscopeError(f"--augment '{item}': LOW must not exceed HIGH")
         spec.check(torch.tensor([low, high], dtype=torch.float64))
@@ -275,7 +283,9 @@ def model_for_dataset(name: str, dataset: Dataset, *, seed: int = 0, **kwargs) -
     image, _ = dataset[0][:2]
     c, h, w = image.shape
     if h != w:
-        raise InvariscopeError(f"the built-in models take square images; dataset images are {h}x{w}")
+        raise InvariscopeError(
+            f"the built-in models take square images; dataset images are {h}x{w}"
+        )
     classes = list(getattr(dataset, "classes", []))
     info = model_info(name)
     accepted = set(info.defaults)

@@ -54,9 +54,11 @@ def run(argv: list[str] | None = None) -> int:
         click.echo(err.ctx.get_help() if err.ctx else str(err))
         return 0
     except click.UsageError as err:
-        hint = f" (see 'invariscope {err.ctx.command_path.split(' ', 1)[-1]} --help')" if (
-            err.ctx and " " in err.ctx.command_path
-        ) else " (see 'invariscope --help')"
+        hint = (
+            f" (see 'invariscope {err.ctx.command_path.split(' ', 1)[-1]} --help')"
+            if (err.ctx and " " in err.ctx.command_path)
+            else " (see 'invariscope --help')"
+        )
         return _fail(err.format_message() + hint)
     except click.exceptions.Exit as err:
         return err.exit_code

@@ -10,8 +10,13 @@ from invariscope.cli._app import cli
 
 
 @cli.command("demo")
-@click.option("--out", default="demo-output", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Folder for tables and figures.")
+@click.option(
+    "--out",
+    default="demo-output",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for tables and figures.",
+)
 @click.option("--model", "model_name", default="simple-cnn", show_default=True)
 @click.option("--data", "data_name", default="digits", show_default=True)
 @click.option("--epochs", default=5, show_default=True, type=int)
@@ -32,6 +37,14 @@ def demo_cmd(out, model_name, data_name, epochs, seed, device, retrain, no_progr
     from invariscope.demo import run_demo
     from invariscope.train import resolve_device
 
-    run_demo(out, model_name=model_name, data_name=data_name, epochs=epochs, seed=seed,
-             device=resolve_device(device), retrain=retrain, progress=not no_progress,
-             echo=click.echo)
+    run_demo(
+        out,
+        model_name=model_name,
+        data_name=data_name,
+        epochs=epochs,
+        seed=seed,
+        device=resolve_device(device),
+        retrain=retrain,
+        progress=not no_progress,
+        echo=click.echo,
+    )

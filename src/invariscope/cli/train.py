@@ -10,26 +10,54 @@ from invariscope.cli._app import cli
 
 
 @cli.command("train")
-@click.option("--model", "model_name", default="simple-cnn", show_default=True,
-              help="Registered architecture (see 'invariscope models').")
-@click.option("--data", "data_name", default="digits", show_default=True,
-              help="Dataset name or path (see 'invariscope datasets').")
+@click.option(
+    "--model",
+    "model_name",
+    default="simple-cnn",
+    show_default=True,
+    help="Registered architecture (see 'invariscope models').",
+)
+@click.option(
+    "--data",
+    "data_name",
+    default="digits",
+    show_default=True,
+    help="Dataset name or path (see 'invariscope datasets').",
+)
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
-@click.option("--seed", default=0, show_default=True, type=int,
-              help="Seeds initial weights, shuffling and augmentation.")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seeds initial weights, shuffling and augmentation.",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps.")
-@click.option("--augment", multiple=True, metavar="NAME=LOW:HIGH",
-              help="Train-time augmentation from the transform registry, uniform per image; "
-                   "repeatable, e.g. --augment rotation=-30:30.")
-@click.option("--size", default=None, type=int,
-              help="Number of training images for generated datasets (default: the dataset's).")
-@click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="Checkpoint to write [default: MODEL_DATA.pt].")
+@click.option(
+    "--augment",
+    multiple=True,
+    metavar="NAME=LOW:HIGH",
+    help="Train-time augmentation from the transform registry, uniform per image; "
+    "repeatable, e.g. --augment rotation=-30:30.",
+)
+@click.option(
+    "--size",
+    default=None,
+    type=int,
+    help="Number of training images for generated datasets (default: the dataset's).",
+)
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Checkpoint to write [default: MODEL_DATA.pt].",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def train_cmd(model_name, data_name, epochs, batch_size, lr, seed, device, augment, size, out,
-              no_progress) -> None:
+def train_cmd(
+    model_name, data_name, epochs, batch_size, lr, seed, device, augment, size, out, no_progress
+) -> None:
     """Train a classifier and write an invariscope checkpoint.
 
     The checkpoint holds the architecture and its arguments, the weights, the
@@ -54,13 +82,26 @@ def train_cmd(model_name, data_name, epochs, batch_size, lr, seed, device, augme
     model = model_for_dataset(model_name, train_set, seed=seed)
     click.echo(
         f"training {model_name} on {data_name}: {len(train_set)} train / {len(test_set)} test "
-        f"images, {epochs} epochs, device {dev}", err=True,
+        f"images, {epochs} epochs, device {dev}",
+        err=True,
     )
-    result = train(model, train_set, test_set=test_set, epochs=epochs, batch_size=batch_size,
-                   lr=lr, seed=seed, device=dev, augment=aug, progress=not no_progress)
+    result = train(
+        model,
+        train_set,
+        test_set=test_set,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=dev,
+        augment=aug,
+        progress=not no_progress,
+    )
     config = dict(result.config, model=model_name, data=data_name, size=size, device=str(dev))
     model.to("cpu")
     save_checkpoint(model, out, train_config=config, data_fingerprint=train_set.fingerprint)
     seconds = result.history["seconds"].sum()
-    click.echo(f"test accuracy {result.test_accuracy:.4f} after {epochs} epochs "
-               f"({seconds:.1f} s); checkpoint written to {out}")
+    click.echo(
+        f"test accuracy {result.test_accuracy:.4f} after {epochs} epochs "
+        f"({seconds:.1f} s); checkpoint written to {out}"
+    )
