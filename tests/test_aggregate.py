@@ -177,9 +177,17 @@ def test_softmax_curves_top3_and_others_is_max():
     assert over["overtaken_high"] == 1.0 and over["overtaken_by_high"] == 1
     assert math.isnan(over["overtaken_low"]) and over["overtaken_by_low"] == -1
     th = agg.thresholds(
-        pd.DataFrame({"transform": "rot", "magnitude": [0.0, 1.0], "label": 0, "n": 2,
-                      "accuracy": [1.0, 0.0]}),
-        sums=sums, identities={"rot": 0.0},
+        pd.DataFrame(
+            {
+                "transform": "rot",
+                "magnitude": [0.0, 1.0],
+                "label": 0,
+                "n": 2,
+                "accuracy": [1.0, 0.0],
+            }
+        ),
+        sums=sums,
+        identities={"rot": 0.0},
     ).set_index("label")
     assert th.loc[0, "threshold_high"] == 1.0 and th.loc[0, "overtaken_high"] == 1.0
     assert th.loc[agg.ALL_CLASSES, "overtaken_by_high"] == -1
@@ -211,9 +219,18 @@ def test_two_parameter_counts():
         for b in (0.0, 1.0):
             for index, label in ((0, 0), (1, 1)):
                 correct = not (a == 1.0 and b == 1.0 and index == 0)
-                rows.append({"transform_a": "tx", "magnitude_a": a, "transform_b": "ty",
-                             "magnitude_b": b, "index": index, "label": label,
-                             "correct": correct, "p_true": 1.0 if correct else 0.0})
+                rows.append(
+                    {
+                        "transform_a": "tx",
+                        "magnitude_a": a,
+                        "transform_b": "ty",
+                        "magnitude_b": b,
+                        "index": index,
+                        "label": label,
+                        "correct": correct,
+                        "p_true": 1.0 if correct else 0.0,
+                    }
+                )
     acc = agg.accuracy_curve(pd.DataFrame(rows), keys=agg.KEYS_2D)
     assert acc["accuracy"].tolist() == [1.0, 1.0, 1.0, 0.5]
     per = agg.class_accuracy_curve(pd.DataFrame(rows), keys=agg.KEYS_2D)

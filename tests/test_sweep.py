@@ -59,8 +59,12 @@ def test_set():
 
 SMALL = dict(
     transforms=["rotation", "gaussian_noise"],
-    magnitudes={"rotation": (-90, 90, 45), "gaussian_noise": (0.0, 0.6, 0.3),
-                "translate_x": (-0.1, 0.1, 0.1), "translate_y": (-0.1, 0.1, 0.1)},
+    magnitudes={
+        "rotation": (-90, 90, 45),
+        "gaussian_noise": (0.0, 0.6, 0.3),
+        "translate_x": (-0.1, 0.1, 0.1),
+        "translate_y": (-0.1, 0.1, 0.1),
+    },
     pairs=[("translate_x", "translate_y")],
     worst_case=SpatialBudget(angles=3, shifts=3, k=3),
     images=36,
@@ -95,8 +99,14 @@ def _assert_same(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> None
 
 
 def test_model_ignoring_input_gives_flat_curves_and_no_thresholds(test_set):
-    res = sweep(Constant(), test_set, ["rotation", "zoom", "gaussian_noise"],
-                {"zoom": (0.5, 2.0, 0.5)}, images=60, batch_size=30)
+    res = sweep(
+        Constant(),
+        test_set,
+        ["rotation", "zoom", "gaussian_noise"],
+        {"zoom": (0.5, 2.0, 0.5)},
+        images=60,
+        batch_size=30,
+    )
     for name in ("class_accuracy", "softmax_curves"):
         table = res.aggregates[name]
         value = "accuracy" if name == "class_accuracy" else "mean_softmax"
@@ -117,8 +127,9 @@ def test_model_ignoring_input_gives_flat_curves_and_no_thresholds(test_set):
     curves = res.aggregates["softmax_curves"]
     others = curves[(curves["series"] == "others")]["mean_softmax"]
     assert np.allclose(others, np.sort(p)[-4], atol=1e-6)
-    wc = sweep(Constant(), test_set, [], worst_case=SpatialBudget(angles=3, shifts=3, k=2),
-               images=20).aggregates["worst_case_summary"]
+    wc = sweep(
+        Constant(), test_set, [], worst_case=SpatialBudget(angles=3, shifts=3, k=2), images=20
+    ).aggregates["worst_case_summary"]
     overall = wc[wc["label"] == -1]["accuracy"]
     assert overall.nunique() == 1
 
@@ -140,13 +151,19 @@ def test_identity_accuracy_equals_evaluate_and_drops_under_180_rotation(trained_
     per = res.aggregates["class_accuracy"].set_index(["label", "magnitude"])
     for row in sums.itertuples(index=False):
         mean_true = row.softmax_sum[row.label] / row.count
-        assert mean_true == pytest.approx(per.loc[(row.label, row.magnitude), "mean_p_true"],
-                                          abs=1e-5)
+        assert mean_true == pytest.approx(
+            per.loc[(row.label, row.magnitude), "mean_p_true"], abs=1e-5
+        )
         assert row.count == per.loc[(row.label, row.magnitude), "n"]
     # the 2-D grid at (m, 0) is the 1-D translation at m: one fused warp, same images
-    two = sweep(model, test_set, ["translate_x"], {"translate_x": (-0.2, 0.2, 0.1),
-                                                   "translate_y": (-0.1, 0.1, 0.1)},
-                pairs=[("translate_x", "translate_y")], images=60)
+    two = sweep(
+        model,
+        test_set,
+        ["translate_x"],
+        {"translate_x": (-0.2, 0.2, 0.1), "translate_y": (-0.1, 0.1, 0.1)},
+        pairs=[("translate_x", "translate_y")],
+        images=60,
+    )
     grid = two.aggregates["accuracy_2d"]
     line = grid[grid["magnitude_b"] == 0.0].set_index("magnitude_a")["accuracy"]
     one = two.aggregates["accuracy"].set_index("magnitude")["accuracy"]
@@ -158,9 +175,15 @@ def test_records_match_direct_computation(test_set):
     from invariscope.transforms import gaussian_noise, rotation
 
     model = Tiny().eval()
-    res = sweep(model, test_set, ["rotation", "gaussian_noise"],
-                {"rotation": [-30.0, 10.0], "gaussian_noise": [0.5]}, images=[5, 17, 200],
-                batch_size=2, seed=2)
+    res = sweep(
+        model,
+        test_set,
+        ["rotation", "gaussian_noise"],
+        {"rotation": [-30.0, 10.0], "gaussian_noise": [0.5]},
+        images=[5, 17, 200],
+        batch_size=2,
+        seed=2,
+    )
     rec = res.table("records")
     assert sorted(rec["magnitude"][rec["transform"] == "rotation"].unique()) == [-30.0, 0.0, 10.0]
     assert set(rec["index"]) == {5, 17, 200}
@@ -169,12 +192,17 @@ def test_records_match_direct_computation(test_set):
             x, label = test_set[index]
             for name, fn, m, opts in (
                 ("rotation", rotation, 10.0, {}),
-                ("gaussian_noise", gaussian_noise, 0.5,
-                 {"seed": torch.tensor([(index + 2 * 0x9E3779B1) % 2**32])}),
+                (
+                    "gaussian_noise",
+                    gaussian_noise,
+                    0.5,
+                    {"seed": torch.tensor([(index + 2 * 0x9E3779B1) % 2**32])},
+                ),
             ):
                 probs = torch.softmax(model(fn(x[None], m, **opts)), 1)[0]
-                row = rec[(rec["transform"] == name) & (rec["index"] == index)
-                          & (rec["magnitude"] == m)].iloc[0]
+                row = rec[
+                    (rec["transform"] == name) & (rec["index"] == index) & (rec["magnitude"] == m)
+                ].iloc[0]
                 assert row["label"] == label
                 assert row["p_true"] == pytest.approx(float(probs[label]), abs=1e-5)
                 top = probs.topk(5)
@@ -215,8 +243,9 @@ def test_same_seed_same_results_and_seed_matters(test_set):
 def test_worst_case_properties(test_set):
     model = Tiny().eval()
     budget = SpatialBudget(max_angle=20, max_shift=2, angles=5, shifts=3, k=4)
-    res = sweep(model, test_set, ["rotation"], {"rotation": (-20, 20, 10)}, worst_case=budget,
-                images=40)
+    res = sweep(
+        model, test_set, ["rotation"], {"rotation": (-20, 20, 10)}, worst_case=budget, images=40
+    )
     wc = res.table("worst_case")
     assert (wc["worst_of_k_correct"] <= wc["random_correct"]).all()
     assert (wc["grid_correct"] <= wc["natural_correct"]).all()  # the grid holds the identity
@@ -227,8 +256,9 @@ def test_worst_case_properties(test_set):
     assert (wc["worst_p_true"].to_numpy() <= ident["p_true"].to_numpy() + 1e-6).all()
     summary = res.aggregates["worst_case_summary"]
     overall = summary[summary["label"] == -1].set_index("setting")["accuracy"]
-    assert overall["natural"] == res.aggregates["accuracy"].set_index(
-        "magnitude").loc[0.0, "accuracy"]
+    assert (
+        overall["natural"] == res.aggregates["accuracy"].set_index("magnitude").loc[0.0, "accuracy"]
+    )
     assert overall["grid"] <= overall["worst_of_k"] + 1.0  # present and in range
     assert 0.0 <= overall["grid"] <= overall["natural"]
     # random draws depend on (seed, index) only, uniform in [0, 1)
@@ -320,8 +350,9 @@ def test_sigkill_mid_part_resumes_to_identical_tables(tmp_path, test_set, refere
         _run(model.eval(), create_dataset("digits", "test"), out={str(out)!r}, figures=False)
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert _status(out) == "running" and not (out / "aggregates").exists()
     done = [p for p in (out / "parts").iterdir() if (p / "_done.json").exists()]
@@ -367,14 +398,18 @@ class Shaped(nn.Module):
 
 @pytest.mark.parametrize(
     "kind, fragment",
-    [("3d", "shape"), ("tuple", "returned tuple"), ("five", "outputs 5 classes"),
-     ("nan", "NaN logits"), ("inf", "infinite logits")],
+    [
+        ("3d", "shape"),
+        ("tuple", "returned tuple"),
+        ("five", "outputs 5 classes"),
+        ("nan", "NaN logits"),
+        ("inf", "infinite logits"),
+    ],
 )
 def test_bad_model_output_leaves_nothing_complete(kind, fragment, tmp_path, test_set):
     out = tmp_path / "run"
     with pytest.raises(InvariscopeError, match=fragment) as err:
-        sweep(Shaped(kind), test_set, ["rotation"], {"rotation": (-10, 10, 10)}, images=8,
-              out=out)
+        sweep(Shaped(kind), test_set, ["rotation"], {"rotation": (-10, 10, 10)}, images=8, out=out)
     assert "\n" not in str(err.value)
     assert _status(out) == "running" and not (out / "aggregates").exists()
 
@@ -396,16 +431,22 @@ def test_bad_input_is_refused_before_writing(tmp_path, test_set):
     for kwargs, fragment in cases:
         transforms = kwargs.pop("transforms")
         magnitudes = kwargs.pop("magnitudes", None)
-        with pytest.raises(InvariscopeError, match=fragment.replace("(", r"\(").replace(
-                "]", r"\]")):
+        with pytest.raises(
+            InvariscopeError, match=fragment.replace("(", r"\(").replace("]", r"\]")
+        ):
             sweep(Tiny(), test_set, transforms, magnitudes, out=out, **kwargs)
         assert not out.exists(), kwargs
     wrong = Tiny(num_classes=10)
     wrong.num_classes = 7
     with pytest.raises(InvariscopeError, match="7 classes but the dataset has 10"):
         sweep(wrong, test_set, ["rotation"], out=out)
-    empty = TensorImageDataset(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.int64),
-                               classes=[str(i) for i in range(10)], name="empty", split="test")
+    empty = TensorImageDataset(
+        torch.zeros(0, 1, 28, 28),
+        torch.zeros(0, dtype=torch.int64),
+        classes=[str(i) for i in range(10)],
+        name="empty",
+        split="test",
+    )
     with pytest.raises(InvariscopeError, match="empty"):
         sweep(Tiny(), empty, ["rotation"], out=out)
     assert not out.exists()
@@ -429,3 +470,25 @@ def test_unreadable_image_is_one_line_error(tmp_path):
         sweep(Tiny(), Unreadable(), ["rotation"], {"rotation": (-10, 10, 10)}, out=out)
     assert "\n" not in str(err.value) and "fix or remove the file" in str(err.value)
     assert _status(out) == "running" and not (out / "aggregates").exists()
+
+
+def test_unreadable_file_in_image_folder(tmp_path):
+    from PIL import Image
+
+    from invariscope.data import create_dataset
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(2):
+            pixels = (rng.random((28, 28)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
+    data = create_dataset(f"folder:{tmp_path / 'imgs'}", split="test")
+    (tmp_path / "imgs" / "dog" / "1.png").write_bytes(b"not a png")  # broken after listing
+    with pytest.raises(InvariscopeError, match="dog/1.png") as err:
+        sweep(Tiny(num_classes=2), data, ["rotation"], {"rotation": (-10, 10, 10)})
+    assert "\n" not in str(err.value)
+    pixels = (rng.random((30, 28)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "imgs" / "dog" / "1.png")  # readable, other size
+    with pytest.raises(InvariscopeError, match="differ in size"):
+        sweep(Tiny(num_classes=2), data, ["rotation"], {"rotation": (-10, 10, 10)})

@@ -10,8 +10,13 @@ from PIL import Image
 
 from invariscope.cli import run
 
-FIGURES = ["accuracy", "softmax_curves", "thresholds", "heatmap_translate_x_x_translate_y",
-           "worst_case"]
+FIGURES = [
+    "accuracy",
+    "softmax_curves",
+    "thresholds",
+    "heatmap_translate_x_x_translate_y",
+    "worst_case",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +31,37 @@ def checkpoint(trained_digits, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cli_run(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    argv = ["sweep", "--model", str(checkpoint), "--data", "digits",
-            "--transforms", "rotation,translate_x,gaussian_noise",
-            "--range", "rotation=-180:180:30", "--range", "translate_x=-0.3:0.3:0.1",
-            "--range", "gaussian_noise=0:0.8:0.2", "--range", "translate_y=-0.2:0.2:0.1",
-            "--pair", "translate_x,translate_y", "--worst-case", "--wc-grid", "5x3",
-            "--wc-k", "4", "--images", "80", "--classes", "0,1,6,9", "--no-progress",
-            "--out", str(out)]
+    argv = [
+        "sweep",
+        "--model",
+        str(checkpoint),
+        "--data",
+        "digits",
+        "--transforms",
+        "rotation,translate_x,gaussian_noise",
+        "--range",
+        "rotation=-180:180:30",
+        "--range",
+        "translate_x=-0.3:0.3:0.1",
+        "--range",
+        "gaussian_noise=0:0.8:0.2",
+        "--range",
+        "translate_y=-0.2:0.2:0.1",
+        "--pair",
+        "translate_x,translate_y",
+        "--worst-case",
+        "--wc-grid",
+        "5x3",
+        "--wc-k",
+        "4",
+        "--images",
+        "80",
+        "--classes",
+        "0,1,6,9",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     return out, argv
 
 
@@ -91,8 +120,19 @@ def _one_line_error(capsys) -> str:
 )
 def test_cli_errors_exit_2_with_one_line(extra, fragment, checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["sweep", "--model", str(checkpoint), "--data", "digits", "--images", "10",
-            "--no-progress", "--out", str(out), *extra]
+    argv = [
+        "sweep",
+        "--model",
+        str(checkpoint),
+        "--data",
+        "digits",
+        "--images",
+        "10",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
     assert run(argv) == 2
     assert fragment in _one_line_error(capsys)
     assert not (out / "aggregates").exists()
@@ -104,8 +144,18 @@ def test_cli_model_with_wrong_class_count(tmp_path, capsys):
     path = tmp_path / "five.pt"
     save_checkpoint(create_model("simple-cnn", num_classes=5), path)
     out = tmp_path / "run"
-    argv = ["sweep", "--model", str(path), "--data", "digits", "--transforms", "rotation",
-            "--out", str(out), "--no-progress"]
+    argv = [
+        "sweep",
+        "--model",
+        str(path),
+        "--data",
+        "digits",
+        "--transforms",
+        "rotation",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert run(argv) == 2
     assert "5 classes but the dataset has 10" in _one_line_error(capsys)
     assert not (out / "aggregates").exists()
@@ -118,4 +168,9 @@ def test_demo_sweep_stage(trained_digits, tmp_path):
     summary = demo_sweep(model, test_set, tmp_path / "sweep")
     assert "identity accuracy" in summary and "worst-of-10" in summary
     assert len(summary.splitlines()) <= 3
-    assert (tmp_path / "sweep" / "figures" / "accuracy.png").stat().st_size > 10_000
+    assert (tmp_path / "sweep" / "screening" / "figures" / "accuracy.png").stat().st_size > 10_000
+    heat = tmp_path / "sweep" / "spatial" / "figures" / "heatmap_translate_x_x_translate_y.png"
+    assert heat.stat().st_size > 10_000
+    from invariscope.runs.store import RunStore
+
+    assert RunStore.open(tmp_path / "sweep" / "screening").is_complete

@@ -86,13 +86,30 @@ def check_logits(logits: object, batch: int, num_classes: int, where: str) -> to
 # --------------------------------------------------------------------- image selection
 
 
-def dataset_labels(dataset: Dataset) -> np.ndarray:
-    """All labels of ``dataset`` as int64 ``[N]`` (reads every item if it keeps no label list)."""
+def stored_labels(dataset: Dataset) -> np.ndarray | None:
+    """The labels a dataset keeps in memory (``labels``, ``targets`` or ``samples`` of
+    ``(path, label)`` pairs) as int64 ``[N]``, or None (without reading any image)."""
     labels = getattr(dataset, "labels", None)
     if labels is None:
         labels = getattr(dataset, "targets", None)
+    if labels is None:
+        samples = getattr(dataset, "samples", None)
+        if isinstance(samples, Sequence) and len(samples) == len(dataset):
+            try:
+                labels = [int(s[1]) for s in samples]
+            except (TypeError, ValueError, IndexError):
+                labels = None
+    if labels is None:
+        return None
+    out = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64).reshape(-1)
+    return out if len(out) == len(dataset) else None
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """All labels of ``dataset`` as int64 ``[N]`` (reads every item if it keeps no label list)."""
+    labels = stored_labels(dataset)
     if labels is not None:
-        return np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64).reshape(-1)
+        return labels
     log.info("reading every item of %s to find its labels", type(dataset).__name__)
     return np.array([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
 
@@ -131,10 +148,13 @@ def select_indices(
     classes: list[int] | None,
     seed: int,
 ) -> np.ndarray:
-    """Sorted dataset indices to measure.
+    """Dataset indices to measure, grouped by class.
 
     ``images`` is ``None`` (all), a count N (a seeded random subset of N of the images of
-    the selected ``classes``, sorted; all of them if there are fewer) or explicit indices.
+    the selected ``classes``; all of them if there are fewer) or explicit indices. The
+    result is sorted by (label, index) when the dataset keeps its labels in memory, so
+    that a batch holds few classes and the per-class softmax sums of a part stay small
+    for 1000-class models; by index otherwise.
     """
     n = len(dataset)
     if n == 0:
@@ -149,13 +169,18 @@ def select_indices(
         labels = dataset_labels(dataset)
         idx = idx[np.isin(labels[idx], classes)]
         if len(idx) == 0:
-            raise InvariscopeError("no image of the selected --classes is in the dataset; check --classes")
+            raise InvariscopeError(
+                "no image of the selected --classes is in the dataset; check --classes"
+            )
     if isinstance(images, int | np.integer) and not isinstance(images, bool):
         if images < 1:
             raise InvariscopeError(f"--images must be at least 1, got {images}")
         if images < len(idx):
             rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
             idx = np.sort(rng.choice(idx, size=int(images), replace=False))
+    labels = stored_labels(dataset)
+    if labels is not None:
+        idx = idx[np.argsort(labels[idx], kind="stable")]
     return idx
 
 
@@ -174,8 +199,22 @@ class _Indexed(Dataset):
         return image, int(label), i
 
 
+def _worker_message(err: Exception) -> str:
+    """The original one-line message of an error re-raised from a DataLoader worker."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return " ".join(text.split())
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def _load_error(err: Exception) -> InvariscopeError:
-    message = " ".join(str(err).split())
+    message = _worker_message(err)
+    if isinstance(err, RuntimeError) and "stack expects each tensor to be equal size" in message:
+        return InvariscopeError(
+            f"the dataset's images differ in size ({message}); give them one size, e.g. "
+            "resize them or load the folder with image_size=..."
+        )
     return InvariscopeError(
         f"could not read an image of the dataset ({type(err).__name__}: {message}); "
         "fix or remove the file"
@@ -211,7 +250,9 @@ def iter_batches(
             x, y, i = next(iterator)
         except StopIteration:
             return
-        except InvariscopeError:
+        except InvariscopeError as err:
+            if "Original Traceback" in str(err):  # raised in a worker process
+                raise InvariscopeError(_worker_message(err)) from None
             raise
         except (OSError, ValueError, RuntimeError, SyntaxError) as err:
             raise _load_error(err) from err
@@ -253,22 +294,24 @@ def predict_chunk(
     num_classes: int,
     top_k: int,
     where: str,
-) -> tuple[Predictions, torch.Tensor]:
-    """One forward pass: ``(Predictions on the CPU, probabilities [n, K] on the device)``."""
+) -> tuple[Predictions, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward pass: ``(Predictions on the CPU, probabilities [n, K], correct [n] bool,
+    p_true [n])``, the last three on the device."""
     logits = check_logits(model(images), images.shape[0], num_classes, where)
     probs = torch.softmax(logits.float(), dim=1)
     k = min(top_k, num_classes)
     top_prob, top_class = probs.topk(k, dim=1)
     p_true = probs.gather(1, labels[:, None]).squeeze(1)
     pred = top_class[:, 0]
+    correct = pred == labels
     out = Predictions(
         pred=pred.cpu(),
         p_true=p_true.cpu(),
-        correct=(pred == labels).cpu(),
+        correct=correct.cpu(),
         top_class=top_class.cpu(),
         top_prob=top_prob.cpu(),
     )
-    return out, probs
+    return out, probs, correct, p_true
 
 
 def prediction_columns(p: Predictions) -> dict[str, np.ndarray]:

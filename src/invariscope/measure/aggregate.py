@@ -28,8 +28,9 @@ Convention:
 
 Record tables can be concatenated across parts in any order; :func:`class_counts` and
 :func:`combine_softmax_sums` reduce a part to a small table whose rows can be summed
-across parts, so aggregates stream over parts with memory bounded by the number of
-(class, magnitude) cells, not by the number of images.
+across parts, and :class:`SoftmaxSumAccumulator` adds parts one at a time, so
+aggregates stream over parts with memory bounded by the number of (class, magnitude)
+cells, not by the number of images.
 """
 
 from __future__ import annotations
@@ -166,7 +167,9 @@ def combine_softmax_sums(sums: pd.DataFrame) -> pd.DataFrame:
         The same columns, one row per (transform, label, magnitude), sorted that way;
         ``softmax_sum`` as float64 arrays.
     """
-    _check_columns(sums, ["transform", "magnitude", "label", "count", "softmax_sum"], "softmax sums")
+    _check_columns(
+        sums, ["transform", "magnitude", "label", "count", "softmax_sum"], "softmax sums"
+    )
     if len(sums) == 0:
         return pd.DataFrame(
             {"transform": [], "magnitude": [], "label": [], "count": [], "softmax_sum": []}
@@ -179,7 +182,7 @@ def combine_softmax_sums(sums: pd.DataFrame) -> pd.DataFrame:
     np.add.at(total, codes.to_numpy(), vectors)
     counts = np.bincount(codes.to_numpy(), weights=sums["count"].to_numpy(), minlength=n_groups)
     first = keys.groupby(codes.to_numpy(), sort=True).first()
-    return pd.DataFrame(
+    out = pd.DataFrame(
         {
             "transform": first["transform"].to_numpy(),
             "magnitude": first["magnitude"].to_numpy(dtype=np.float64),
@@ -188,6 +191,104 @@ def combine_softmax_sums(sums: pd.DataFrame) -> pd.DataFrame:
             "softmax_sum": list(total),
         }
     )
+    for column in ("n_correct", "sum_p_true"):
+        if column in sums.columns:
+            summed = np.bincount(
+                codes.to_numpy(),
+                weights=sums[column].to_numpy(dtype=np.float64),
+                minlength=n_groups,
+            )
+            out[column] = summed.astype(np.int64) if column == "n_correct" else summed
+    return out
+
+
+class SoftmaxSumAccumulator:
+    """Streaming sum of softmax-sum tables of ONE transformation, part by part.
+
+    Memory is one ``[M, K]`` float64 array per class seen (M magnitudes, K classes),
+    whatever the number of parts or images. :meth:`frame` returns the same table as
+    :func:`combine_softmax_sums` of all the parts added.
+
+    Args:
+        transform: the transformation's name.
+        magnitudes: all swept magnitudes of it (any order).
+    """
+
+    def __init__(self, transform: str, magnitudes: Sequence[float]) -> None:
+        self.transform = transform
+        self.magnitudes = np.unique(np.asarray(magnitudes, dtype=np.float64))
+        self._sums: dict[int, np.ndarray] = {}
+        self._counts: dict[int, np.ndarray] = {}
+
+    def add(self, part: pd.DataFrame) -> None:
+        """Add a part's rows (columns ``magnitude, label, count, softmax_sum`` and
+        optionally ``n_correct, sum_p_true``)."""
+        if len(part) == 0:
+            return
+        mags = part["magnitude"].to_numpy(dtype=np.float64)
+        pos = np.searchsorted(self.magnitudes, mags)
+        pos = np.clip(pos, 0, len(self.magnitudes) - 1)
+        if not np.allclose(self.magnitudes[pos], mags, rtol=0.0, atol=1e-12):
+            raise ValueError(f"softmax sums of '{self.transform}' hold an unexpected magnitude")
+        labels = part["label"].to_numpy(dtype=np.int64)
+        vectors = np.stack([np.asarray(v, dtype=np.float64) for v in part["softmax_sum"]])
+        extra = np.stack(
+            [part["count"].to_numpy(dtype=np.float64)]
+            + [
+                part[c].to_numpy(dtype=np.float64) if c in part.columns else np.zeros(len(part))
+                for c in ("n_correct", "sum_p_true")
+            ],
+            axis=1,
+        )
+        m = len(self.magnitudes)
+        for label in np.unique(labels):
+            sel = labels == label
+            if label not in self._sums:
+                self._sums[label] = np.zeros((m, vectors.shape[1]))
+                self._counts[label] = np.zeros((m, 3))
+            np.add.at(self._sums[label], pos[sel], vectors[sel])
+            np.add.at(self._counts[label], pos[sel], extra[sel])
+
+    def frame(self) -> pd.DataFrame:
+        """Columns ``transform, magnitude, label, count, softmax_sum, n_correct,
+        sum_p_true``, one row per (label, magnitude) with images, sorted that way."""
+        rows = []
+        for label in sorted(self._sums):
+            counts = self._counts[label]
+            keep = counts[:, 0] > 0
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "transform": self.transform,
+                        "magnitude": self.magnitudes[keep],
+                        "label": int(label),
+                        "count": counts[keep, 0].astype(np.int64),
+                        "softmax_sum": list(self._sums[label][keep]),
+                        "n_correct": counts[keep, 1].astype(np.int64),
+                        "sum_p_true": counts[keep, 2],
+                    }
+                )
+            )
+        if not rows:
+            return pd.DataFrame(
+                columns=[
+                    "transform",
+                    "magnitude",
+                    "label",
+                    "count",
+                    "softmax_sum",
+                    "n_correct",
+                    "sum_p_true",
+                ]
+            )
+        return pd.concat(rows, ignore_index=True)
+
+    def counts(self) -> pd.DataFrame:
+        """The :func:`class_counts` table (``transform, magnitude, label, n, n_correct,
+        sum_p_true``) of the images added, sorted by magnitude then label."""
+        frame = self.frame().drop(columns="softmax_sum").rename(columns={"count": "n"})
+        frame = frame.sort_values(["magnitude", "label"], kind="stable").reset_index(drop=True)
+        return frame[["transform", "magnitude", "label", "n", "n_correct", "sum_p_true"]]
 
 
 def _mean_softmax_groups(sums: pd.DataFrame):
@@ -255,8 +356,15 @@ def softmax_curves(sums: pd.DataFrame, top: int = 3) -> pd.DataFrame:
             )
     if not rows:
         return pd.DataFrame(
-            columns=["transform", "label", "magnitude", "series", "class_index", "mean_softmax",
-                     "is_true_class"]
+            columns=[
+                "transform",
+                "label",
+                "magnitude",
+                "series",
+                "class_index",
+                "mean_softmax",
+                "is_true_class",
+            ]
         )
     out = pd.concat(rows, ignore_index=True)
     out["class_index"] = out["class_index"].astype("int64")
@@ -295,15 +403,23 @@ def overtaken(
             row[f"overtaken_{side}"] = float(mags[hit]) if hit is not None else np.nan
             row[f"overtaken_by_{side}"] = int(best[hit]) if hit is not None else -1
         rows.append(row)
-    columns = ["transform", "label", "overtaken_low", "overtaken_high", "overtaken_by_low",
-               "overtaken_by_high"]
+    columns = [
+        "transform",
+        "label",
+        "overtaken_low",
+        "overtaken_high",
+        "overtaken_by_low",
+        "overtaken_by_high",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
 # --------------------------------------------------------------------------- thresholds
 
 
-def _first_below(mags: np.ndarray, acc: np.ndarray, i0: int, fraction: float) -> tuple[float, float]:
+def _first_below(
+    mags: np.ndarray, acc: np.ndarray, i0: int, fraction: float
+) -> tuple[float, float]:
     """First magnitude on each side of ``i0`` with ``acc < fraction * acc[i0]``."""
     limit = fraction * acc[i0]
     low = next((mags[j] for j in range(i0 - 1, -1, -1) if acc[j] < limit), np.nan)
@@ -340,12 +456,15 @@ def thresholds(
         raise InvariscopeError(f"threshold fraction must be in (0, 1], got {fraction}")
     if "accuracy" not in class_accuracy.columns:
         class_accuracy = class_accuracy_curve(class_accuracy)
-    _check_columns(class_accuracy, ["transform", "magnitude", "label", "n", "accuracy"],
-                   "class accuracy table")
+    _check_columns(
+        class_accuracy, ["transform", "magnitude", "label", "n", "accuracy"], "class accuracy table"
+    )
     counts = class_accuracy.assign(n_correct=class_accuracy["accuracy"] * class_accuracy["n"])
-    overall = counts.groupby(["transform", "magnitude"], sort=True, observed=True)[
-        ["n", "n_correct"]
-    ].sum().reset_index()
+    overall = (
+        counts.groupby(["transform", "magnitude"], sort=True, observed=True)[["n", "n_correct"]]
+        .sum()
+        .reset_index()
+    )
     overall["label"] = ALL_CLASSES
     overall["accuracy"] = overall["n_correct"] / overall["n"]
     frame = pd.concat([overall, counts], ignore_index=True)
@@ -370,8 +489,15 @@ def thresholds(
         )
     out = pd.DataFrame(
         rows,
-        columns=["transform", "label", "n", "identity", "identity_accuracy", "threshold_low",
-                 "threshold_high"],
+        columns=[
+            "transform",
+            "label",
+            "n",
+            "identity",
+            "identity_accuracy",
+            "threshold_low",
+            "threshold_high",
+        ],
     )
     if sums is not None:
         out = out.merge(overtaken(sums, identities), on=["transform", "label"], how="left")
@@ -381,6 +507,28 @@ def thresholds(
 
 
 # -------------------------------------------------------------------- breaking magnitude
+
+
+def breaking_from_predictions(
+    pred: np.ndarray, magnitudes: np.ndarray, i0: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Breaking magnitudes ``(low[N], high[N])`` from predictions ``pred`` ``[N, M]``.
+
+    ``magnitudes`` ``[M]`` are sorted and ``i0`` is the position of the identity; NaN
+    where the prediction never differs from ``pred[:, i0]`` on that side.
+    """
+    changed = pred != pred[:, i0 : i0 + 1]
+    high_side = changed[:, i0 + 1 :]
+    low_side = changed[:, :i0][:, ::-1]
+    high = np.full(len(pred), np.nan)
+    low = np.full(len(pred), np.nan)
+    if high_side.shape[1]:
+        hit = high_side.any(axis=1)
+        high[hit] = magnitudes[i0 + 1 + high_side.argmax(axis=1)][hit]
+    if low_side.shape[1]:
+        hit = low_side.any(axis=1)
+        low[hit] = magnitudes[i0 - 1 - low_side.argmax(axis=1)][hit]
+    return low, high
 
 
 def breaking_magnitudes(
@@ -411,17 +559,7 @@ def breaking_magnitudes(
         mags = table.columns.to_numpy(dtype=np.float64)
         i0 = _identity_position(mags, _identity_of(str(name), identities), str(name))
         pred = table.to_numpy(dtype=np.int64)
-        changed = pred != pred[:, i0 : i0 + 1]
-        high_side = changed[:, i0 + 1 :]
-        low_side = changed[:, :i0][:, ::-1]
-        high = np.full(len(pred), np.nan)
-        low = np.full(len(pred), np.nan)
-        if high_side.shape[1]:
-            hit = high_side.any(axis=1)
-            high[hit] = mags[i0 + 1 + high_side.argmax(axis=1)][hit]
-        if low_side.shape[1]:
-            hit = low_side.any(axis=1)
-            low[hit] = mags[i0 - 1 - low_side.argmax(axis=1)][hit]
+        low, high = breaking_from_predictions(pred, mags, i0)
         labels = group.drop_duplicates("index").set_index("index")["label"].reindex(table.index)
         parts.append(
             pd.DataFrame(
@@ -479,8 +617,9 @@ def worst_case_summary(per_image: pd.DataFrame) -> pd.DataFrame:
         Columns ``label, setting, n, accuracy``: one row per setting over all images
         (``label == -1``) and per class.
     """
-    _check_columns(per_image, ["label", *(f"{s}_correct" for s in WORST_CASE_SETTINGS)],
-                   "worst-case table")
+    _check_columns(
+        per_image, ["label", *(f"{s}_correct" for s in WORST_CASE_SETTINGS)], "worst-case table"
+    )
     both = pd.concat([per_image.assign(label=ALL_CLASSES), per_image], ignore_index=True)
     rows = []
     for label, group in both.groupby("label", sort=True):

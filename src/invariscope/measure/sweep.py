@@ -87,11 +87,22 @@ __all__ = ["SweepResult", "demo_sweep", "resolve_magnitudes", "sweep", "sweep_2d
 #: seed, so seeds that differ above bit 32 would give the same noise.)
 NOISE_SEED_MULTIPLIER = 0x9E3779B1
 
+#: Default most images per forward pass, per device type.
+DEFAULT_FORWARD_BATCH = {"cpu": 256, "cuda": 1024, "mps": 512}
+
 #: Per-image tables (stored as parts) and aggregate tables (stored at the end).
 PART_TABLES = ("records", "softmax_sums", "breaking", "records_2d", "worst_case")
 AGGREGATE_TABLES = (
-    "accuracy", "class_accuracy", "softmax_curves", "thresholds", "breaking_summary",
-    "accuracy_2d", "class_accuracy_2d", "worst_case_summary", "classes", "transforms",
+    "accuracy",
+    "class_accuracy",
+    "softmax_curves",
+    "thresholds",
+    "breaking_summary",
+    "accuracy_2d",
+    "class_accuracy_2d",
+    "worst_case_summary",
+    "classes",
+    "transforms",
 )
 
 
@@ -155,12 +166,13 @@ class _MemoryStore:
             if frame is None:
                 continue
             for column, op, value in filters or ():
-                assert op == "=="
+                if op != "==":
+                    raise ValueError(f"in-memory sweeps filter with == only, got {op!r}")
                 frame = frame[frame[column] == value]
             yield pid, frame if columns is None else frame[list(columns)]
 
-    def read_table(self, name: str, columns=None) -> pd.DataFrame:
-        frames = [f for _, f in self.iter_table(name, columns)]
+    def read_table(self, name: str, columns=None, filters=None) -> pd.DataFrame:
+        frames = [f for _, f in self.iter_table(name, columns, filters)]
         if not frames:
             raise InvariscopeError(f"this sweep produced no '{name}' table")
         return pd.concat(frames, ignore_index=True)
@@ -179,7 +191,9 @@ def _transform_names(transforms: str | Sequence[str] | None) -> list[str]:
         transforms = [t for t in transforms.split(",")]
     names = [str(t).strip() for t in transforms]
     if any(not n for n in names):
-        raise InvariscopeError("empty transformation name in --transforms; separate names by commas")
+        raise InvariscopeError(
+            "empty transformation name in --transforms; separate names by commas"
+        )
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise InvariscopeError(f"transformation '{dup}' is listed twice; list each once")
@@ -227,7 +241,9 @@ def _noise_seeds(idx: torch.Tensor, seed: int) -> torch.Tensor:
     return (idx.to(torch.int64) + offset) % (1 << 32)
 
 
-def _apply(name: str, images: torch.Tensor, mags: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def _apply(
+    name: str, images: torch.Tensor, mags: torch.Tensor, seeds: torch.Tensor
+) -> torch.Tensor:
     from invariscope.transforms import get_transform
 
     spec = get_transform(name)
@@ -273,6 +289,8 @@ def _sweep_part(
     uniq, inverse = torch.unique(y, return_inverse=True)
     n_uniq = len(uniq)
     sums = torch.zeros(len(mags) * n_uniq, num_classes, dtype=torch.float64, device=dev)
+    # per (magnitude, class): number correct and summed p(true class)
+    tallies = torch.zeros(len(mags) * n_uniq, 2, dtype=torch.float64, device=dev)
     columns = []
     idx_np = idx.cpu().numpy().astype(np.int64)
     y_np = y.cpu().numpy().astype(np.int64)
@@ -284,9 +302,13 @@ def _sweep_part(
         where = f"{name} at magnitude {mags[sl.start]:g}" + (
             f"..{mags[sl.stop - 1]:g}" if c > 1 else ""
         )
-        pred, probs = predict_chunk(model, images, labels, num_classes, top_k, where)
+        pred, probs, correct, p_true = predict_chunk(
+            model, images, labels, num_classes, top_k, where
+        )
         mag_pos = torch.arange(sl.start, sl.stop, device=dev).repeat_interleave(b)
-        sums.index_add_(0, mag_pos * n_uniq + inverse.repeat(c), probs.double())
+        cell = mag_pos * n_uniq + inverse.repeat(c)
+        sums.index_add_(0, cell, probs.double())
+        tallies.index_add_(0, cell, torch.stack([correct.double(), p_true.double()], dim=1))
         cols = {
             "magnitude": np.repeat(mags[sl], b),
             "index": np.tile(idx_np, c),
@@ -298,6 +320,7 @@ def _sweep_part(
     records.insert(0, "transform", name)
     counts = torch.bincount(inverse, minlength=n_uniq).cpu().numpy()
     sums_np = sums.cpu().numpy()
+    tallies_np = tallies.cpu().numpy()
     uniq_np = uniq.cpu().numpy().astype(np.int64)
     softmax_sums = pd.DataFrame(
         {
@@ -306,9 +329,24 @@ def _sweep_part(
             "label": np.tile(uniq_np, len(mags)),
             "count": np.tile(counts, len(mags)).astype(np.int64),
             "softmax_sum": list(sums_np),
+            "n_correct": np.rint(tallies_np[:, 0]).astype(np.int64),
+            "sum_p_true": tallies_np[:, 1],
         }
     )
-    breaking = agg.breaking_magnitudes(records, identities={name: identity})
+    # records are magnitude-major: [M * B] -> [B, M]
+    pred = records["pred"].to_numpy().reshape(len(mags), b).T
+    i0 = int(np.flatnonzero(np.isclose(mags, identity, rtol=0.0, atol=1e-9))[0])
+    low, high = agg.breaking_from_predictions(pred, mags, i0)
+    breaking = pd.DataFrame(
+        {
+            "transform": name,
+            "index": idx_np,
+            "label": y_np,
+            "pred_identity": pred[:, i0],
+            "break_low": low,
+            "break_high": high,
+        }
+    )
     return {"records": records, "softmax_sums": softmax_sums, "breaking": breaking}
 
 
@@ -340,7 +378,7 @@ def _pair_part(
         mb = torch.as_tensor(grid_b[sl]).repeat_interleave(b).to(dev)
         images = _apply_pair(a, b_name, x.repeat(c, 1, 1, 1), ma, mb, seeds.repeat(c))
         where = f"{a} x {b_name} at ({grid_a[sl.start]:g}, {grid_b[sl.start]:g})"
-        pred, _ = predict_chunk(model, images, y.repeat(c), num_classes, top_k, where)
+        pred, _, _, _ = predict_chunk(model, images, y.repeat(c), num_classes, top_k, where)
         cols = {
             "magnitude_a": np.repeat(grid_a[sl], b),
             "magnitude_b": np.repeat(grid_b[sl], b),
@@ -382,7 +420,9 @@ def _budget(worst_case: SpatialBudget | bool | Mapping[str, Any] | None) -> Spat
         return SpatialBudget(**worst_case)
     if isinstance(worst_case, SpatialBudget):
         return worst_case
-    raise InvariscopeError(f"worst_case must be True, a SpatialBudget or a dict, got {worst_case!r}")
+    raise InvariscopeError(
+        f"worst_case must be True, a SpatialBudget or a dict, got {worst_case!r}"
+    )
 
 
 def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
@@ -436,8 +476,12 @@ def _plan(
                 )
     mags = {n: resolve_magnitudes(n, _magnitude_lookup(magnitudes, n)) for n in names}
     pair_plan = [
-        (a, resolve_magnitudes(a, _magnitude_lookup(magnitudes, a)), b,
-         resolve_magnitudes(b, _magnitude_lookup(magnitudes, b)))
+        (
+            a,
+            resolve_magnitudes(a, _magnitude_lookup(magnitudes, a)),
+            b,
+            resolve_magnitudes(b, _magnitude_lookup(magnitudes, b)),
+        )
         for a, b in pair_names
     ]
     all_names = list(dict.fromkeys([*names, *(n for p in pair_names for n in p)]))
@@ -459,14 +503,21 @@ def _plan(
     return _Plan(mags, identities, units, pair_plan, budget, indices, batches, ids)
 
 
-def _config(plan: _Plan, model: nn.Module, dataset: Dataset, *, seed, top_k, batch_size,
-            forward_batch, model_spec, data_spec) -> dict[str, Any]:
+def _config(
+    plan: _Plan,
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    seed,
+    top_k,
+    batch_size,
+    forward_batch,
+) -> dict[str, Any]:
     return {
         "analysis": "sweep",
         "version": 1,
-        "model": {"spec": model_spec, "fingerprint": model_fingerprint(model)},
+        "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
         "data": {
-            "spec": data_spec,
             "name": getattr(dataset, "name", type(dataset).__name__),
             "fingerprint": getattr(dataset, "fingerprint", None),
             "size": len(dataset),
@@ -491,8 +542,9 @@ def _indices_hash(indices: np.ndarray) -> str:
 def _aggregate(store, plan: _Plan, classes: list[str], fraction: float) -> dict[str, pd.DataFrame]:
     """Aggregate tables, streaming over the parts (one part in memory at a time)."""
     out: dict[str, pd.DataFrame] = {}
-    out["classes"] = pd.DataFrame({"label": np.arange(len(classes), dtype=np.int64),
-                                   "name": classes})
+    out["classes"] = pd.DataFrame(
+        {"label": np.arange(len(classes), dtype=np.int64), "name": classes}
+    )
     out["transforms"] = pd.DataFrame(
         {
             "transform": list(plan.identities),
@@ -501,25 +553,19 @@ def _aggregate(store, plan: _Plan, classes: list[str], fraction: float) -> dict[
         }
     )
     if plan.transforms:
-        counts = None
-        for _, part in store.iter_table(
-            "records", columns=["transform", "magnitude", "label", "correct", "p_true"]
-        ):
-            part_counts = agg.class_counts(part)
-            counts = part_counts if counts is None else agg.class_counts(
-                pd.concat([counts, part_counts], ignore_index=True)
-            )
-        out["accuracy"] = agg.accuracy_curve(counts)
-        out["class_accuracy"] = agg.class_accuracy_curve(counts)
-        curves, over = [], []
-        for name in plan.transforms:
-            sums = None
+        counts, curves, over = [], [], []
+        for name, mags in plan.transforms.items():
+            # one transformation at a time: memory is [classes, magnitudes, K] at most
+            acc = agg.SoftmaxSumAccumulator(name, mags)
             for _, part in store.iter_table("softmax_sums", filters=[("transform", "==", name)]):
-                sums = agg.combine_softmax_sums(
-                    part if sums is None else pd.concat([sums, part], ignore_index=True)
-                )
+                acc.add(part)
+            sums = acc.frame()
+            counts.append(acc.counts())
             curves.append(agg.softmax_curves(sums))
             over.append(agg.overtaken(sums, plan.identities))
+        counts = pd.concat(counts, ignore_index=True)
+        out["accuracy"] = agg.accuracy_curve(counts)
+        out["class_accuracy"] = agg.class_accuracy_curve(counts)
         out["softmax_curves"] = pd.concat(curves, ignore_index=True)
         th = agg.thresholds(out["class_accuracy"], identities=plan.identities, fraction=fraction)
         over_df = pd.concat(over, ignore_index=True)
@@ -527,16 +573,27 @@ def _aggregate(store, plan: _Plan, classes: list[str], fraction: float) -> dict[
         th["overtaken_by_low"] = th["overtaken_by_low"].fillna(-1).astype("int64")
         th["overtaken_by_high"] = th["overtaken_by_high"].fillna(-1).astype("int64")
         out["thresholds"] = th
-        breaking = store.read_table(
-            "breaking", columns=["transform", "label", "break_low", "break_high"]
-        )
-        out["breaking_summary"] = agg.breaking_summary(breaking)
+        summaries = []
+        for name in plan.transforms:  # one transformation's per-image numbers at a time
+            breaking = store.read_table(
+                "breaking",
+                columns=["label", "break_low", "break_high"],
+                filters=[("transform", "==", name)],
+            )
+            summaries.append(agg.breaking_summary(breaking.assign(transform=name)))
+        out["breaking_summary"] = pd.concat(summaries, ignore_index=True)
         order = {n: i for i, n in enumerate(plan.transforms)}
-        for key in ("accuracy", "class_accuracy", "softmax_curves", "thresholds",
-                    "breaking_summary"):
+        for key in (
+            "accuracy",
+            "class_accuracy",
+            "softmax_curves",
+            "thresholds",
+            "breaking_summary",
+        ):
             frame = out[key]
-            out[key] = frame.sort_values("transform", key=lambda s: s.map(order),
-                                         kind="stable").reset_index(drop=True)
+            out[key] = frame.sort_values(
+                "transform", key=lambda s: s.map(order), kind="stable"
+            ).reset_index(drop=True)
     swept = {n: m for n, m in plan.transforms.items()}
     for a, ma, b, mb in plan.pairs:
         swept.setdefault(a, ma)
@@ -551,8 +608,12 @@ def _aggregate(store, plan: _Plan, classes: list[str], fraction: float) -> dict[
             "records_2d", columns=[*agg.KEYS_2D, "label", "correct", "p_true"]
         ):
             part_counts = agg.class_counts(part, agg.KEYS_2D)
-            counts = part_counts if counts is None else agg.class_counts(
-                pd.concat([counts, part_counts], ignore_index=True), agg.KEYS_2D
+            counts = (
+                part_counts
+                if counts is None
+                else agg.class_counts(
+                    pd.concat([counts, part_counts], ignore_index=True), agg.KEYS_2D
+                )
             )
         out["accuracy_2d"] = agg.accuracy_curve(counts, agg.KEYS_2D)
         out["class_accuracy_2d"] = agg.class_accuracy_curve(counts, agg.KEYS_2D)
@@ -564,7 +625,9 @@ def _aggregate(store, plan: _Plan, classes: list[str], fraction: float) -> dict[
     return out
 
 
-def _summary(aggregates: Mapping[str, pd.DataFrame], plan: _Plan, fraction: float) -> dict[str, Any]:
+def _summary(
+    aggregates: Mapping[str, pd.DataFrame], plan: _Plan, fraction: float
+) -> dict[str, Any]:
     summary: dict[str, Any] = {"num_images": int(len(plan.indices)), "threshold_fraction": fraction}
     th = aggregates.get("thresholds")
     if th is not None:
@@ -573,14 +636,18 @@ def _summary(aggregates: Mapping[str, pd.DataFrame], plan: _Plan, fraction: floa
             float(overall["identity_accuracy"].iloc[0]) if len(overall) else None
         )
         summary["thresholds"] = {
-            r.transform: [None if math.isnan(r.threshold_low) else float(r.threshold_low),
-                          None if math.isnan(r.threshold_high) else float(r.threshold_high)]
+            r.transform: [
+                None if math.isnan(r.threshold_low) else float(r.threshold_low),
+                None if math.isnan(r.threshold_high) else float(r.threshold_high),
+            ]
             for r in overall.itertuples(index=False)
         }
     wc = aggregates.get("worst_case_summary")
     if wc is not None:
         overall = wc[wc["label"] == agg.ALL_CLASSES]
-        summary["worst_case"] = {r.setting: float(r.accuracy) for r in overall.itertuples(index=False)}
+        summary["worst_case"] = {
+            r.setting: float(r.accuracy) for r in overall.itertuples(index=False)
+        }
     return summary
 
 
@@ -595,7 +662,7 @@ def sweep(
     images: int | Sequence[int] | None = None,
     classes: Sequence[str | int] | None = None,
     batch_size: int = 128,
-    forward_batch: int = 1024,
+    forward_batch: int | None = None,
     top_k: int = 5,
     seed: int = 0,
     threshold_fraction: float = 0.5,
@@ -627,7 +694,8 @@ def sweep(
         classes: only images of these classes (names or indices).
         batch_size: images per part (unit of resumption and of the per-part tables).
         forward_batch: most images per forward pass; ``forward_batch // batch_size``
-            magnitudes of one batch share a forward pass.
+            magnitudes of one batch share a forward pass. Default: 256 on the CPU (small
+            batches stay in cache), 1024 on a GPU.
         top_k: number of top classes recorded per image (at most K).
         seed: seeds the image subset, the noise (per image: the dataset index shifted by
             ``seed``; exactly the index for ``seed=0``) and the worst-case random draws.
@@ -636,7 +704,9 @@ def sweep(
         out: run directory; parts are stored there and a rerun resumes. A directory
             holding another configuration is refused unless ``overwrite``.
         figures: render the figures into ``out/figures`` (default: True when ``out``).
-        model_spec, data_spec: how the model and data were named (stored in the config).
+        model_spec, data_spec: how the model and data were named (stored in the run's
+            ``meta.json``; the configuration holds their fingerprints, so the same model
+            named differently still resumes).
 
     Returns:
         A :class:`SweepResult`. Raises :class:`InvariscopeError` for bad input (checked
@@ -647,7 +717,7 @@ def sweep(
 
     if not 0.0 < threshold_fraction <= 1.0:
         raise InvariscopeError(f"--threshold must be in (0, 1], got {threshold_fraction}")
-    if forward_batch < 1:
+    if forward_batch is not None and forward_batch < 1:
         raise InvariscopeError(f"--forward-batch must be at least 1, got {forward_batch}")
     if top_k < 1:
         raise InvariscopeError(f"top_k must be at least 1, got {top_k}")
@@ -659,19 +729,45 @@ def sweep(
             f"the model has {model_classes} classes but the dataset has {num_classes}; use a "
             "model trained on this dataset (or a dataset with matching classes)"
         )
-    plan = _plan(transforms, magnitudes, pairs, worst_case, dataset, images=images,
-                 classes=classes, batch_size=batch_size, seed=seed)
+    plan = _plan(
+        transforms,
+        magnitudes,
+        pairs,
+        worst_case,
+        dataset,
+        images=images,
+        classes=classes,
+        batch_size=batch_size,
+        seed=seed,
+    )
     dev = _resolve_device(device, model)
     if device is not None:
         model.to(dev)
-    config = _config(plan, model, dataset, seed=seed, top_k=top_k, batch_size=batch_size,
-                     forward_batch=forward_batch, model_spec=model_spec, data_spec=data_spec)
+    if forward_batch is None:
+        forward_batch = DEFAULT_FORWARD_BATCH.get(dev.type, 1024)
+    config = _config(
+        plan,
+        model,
+        dataset,
+        seed=seed,
+        top_k=top_k,
+        batch_size=batch_size,
+        forward_batch=forward_batch,
+    )
     if out is not None:
         from invariscope.runs.store import RunStore
 
         store = RunStore(out, config, overwrite=overwrite)
-        store.update_meta({"invariscope": invariscope.__version__, "torch": torch.__version__,
-                           "device": str(dev), "threshold_fraction": threshold_fraction})
+        store.update_meta(
+            {
+                "invariscope": invariscope.__version__,
+                "torch": torch.__version__,
+                "device": str(dev),
+                "threshold_fraction": threshold_fraction,
+                "model_spec": model_spec,
+                "data_spec": data_spec,
+            }
+        )
     else:
         store = _MemoryStore()
     todo = store.pending([pid for pid, _, _ in plan.part_ids])
@@ -694,21 +790,43 @@ def sweep(
                     if kind == "sweep":
                         name = payload[0]
                         tables = _sweep_part(
-                            model, x, y_dev, idx, name, plan.transforms[name],
-                            num_classes=num_classes, top_k=top_k, forward_batch=forward_batch,
-                            seed=seed, identity=plan.identities[name],
+                            model,
+                            x,
+                            y_dev,
+                            idx,
+                            name,
+                            plan.transforms[name],
+                            num_classes=num_classes,
+                            top_k=top_k,
+                            forward_batch=forward_batch,
+                            seed=seed,
+                            identity=plan.identities[name],
                         )
                     elif kind == "pair":
                         tables = _pair_part(
-                            model, x, y_dev, idx, plan.pairs[payload[0]],
-                            num_classes=num_classes, top_k=top_k, forward_batch=forward_batch,
+                            model,
+                            x,
+                            y_dev,
+                            idx,
+                            plan.pairs[payload[0]],
+                            num_classes=num_classes,
+                            top_k=top_k,
+                            forward_batch=forward_batch,
                             seed=seed,
                         )
                     else:
-                        tables = {"worst_case": worst_case_batch(
-                            model, x, y_dev, idx, plan.budget, num_classes=num_classes,
-                            forward_batch=forward_batch, seed=seed,
-                        )}
+                        tables = {
+                            "worst_case": worst_case_batch(
+                                model,
+                                x,
+                                y_dev,
+                                idx,
+                                plan.budget,
+                                num_classes=num_classes,
+                                forward_batch=forward_batch,
+                                seed=seed,
+                            )
+                        }
                     store.write_part(pid, tables)
                     bar.update(1)
     finally:
@@ -726,8 +844,12 @@ def sweep(
         from invariscope.plots.sweep import render_sweep_figures
 
         stored = {name: store.read_aggregate(name) for name in aggregates}
-        written = render_sweep_figures(stored, store.path("figures"), fraction=threshold_fraction,
-                                       budget=None if plan.budget is None else plan.budget.describe())
+        written = render_sweep_figures(
+            stored,
+            store.path("figures"),
+            fraction=threshold_fraction,
+            budget=None if plan.budget is None else plan.budget.describe(),
+        )
     if out is not None:
         store.finalize(summary, expected_parts=[pid for pid, _, _ in plan.part_ids])
     return SweepResult(aggregates, run_dir, summary, written, store)
@@ -752,7 +874,9 @@ def sweep_2d(
 
 
 def _fmt_side(value: float) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
+    return (
+        "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
+    )
 
 
 def demo_sweep(model: nn.Module, dataset: Dataset, out_dir: str | Path) -> str:
@@ -770,8 +894,11 @@ def demo_sweep(model: nn.Module, dataset: Dataset, out_dir: str | Path) -> str:
         model,
         dataset,
         ["rotation", "translate_x", "gaussian_noise"],
-        {"rotation": (-180, 180, 20), "translate_x": (-0.4, 0.4, 0.1),
-         "gaussian_noise": (0.0, 1.0, 0.2)},
+        {
+            "rotation": (-180, 180, 20),
+            "translate_x": (-0.4, 0.4, 0.1),
+            "gaussian_noise": (0.0, 1.0, 0.2),
+        },
         out=out_dir / "screening",
         overwrite=True,
         figures=True,

@@ -71,7 +71,9 @@ class SpatialBudget:
         for name in ("max_angle", "max_shift"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and np.isfinite(value) and value >= 0):
-                raise InvariscopeError(f"worst-case {name} must be a finite number >= 0, got {value!r}")
+                raise InvariscopeError(
+                    f"worst-case {name} must be a finite number >= 0, got {value!r}"
+                )
         for name in ("angles", "shifts", "k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
@@ -94,8 +96,10 @@ class SpatialBudget:
 
     def describe(self) -> str:
         """E.g. ``"+-30 deg, +-3 px, grid 31x5x5, k=10"``."""
-        return (f"+-{self.max_angle:g} deg, +-{self.max_shift:g} px, grid "
-                f"{self.angles}x{self.shifts}x{self.shifts}, k={self.k}")
+        return (
+            f"+-{self.max_angle:g} deg, +-{self.max_shift:g} px, grid "
+            f"{self.angles}x{self.shifts}x{self.shifts}, k={self.k}"
+        )
 
 
 def _transform(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -106,8 +110,11 @@ def _transform(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     params = params.to(images.device, images.dtype)
     return compose(
         images,
-        [("rotation", params[:, 0]), ("translate_x", params[:, 1] / w),
-         ("translate_y", params[:, 2] / h)],
+        [
+            ("rotation", params[:, 0]),
+            ("translate_x", params[:, 1] / w),
+            ("translate_y", params[:, 2] / h),
+        ],
     )
 
 
@@ -131,7 +138,8 @@ def _evaluate(
         labels = y.repeat(c)
         logits = check_logits(model(images), c * b, num_classes, "worst-case spatial search")
         probs = torch.softmax(logits.float(), dim=1)
-        correct[:, s : s + c] = (probs.argmax(1) == labels).reshape(c, b).T
+        pred = probs.topk(1, dim=1).indices[:, 0]  # as the sweep's records
+        correct[:, s : s + c] = (pred == labels).reshape(c, b).T
         p_true[:, s : s + c] = probs.gather(1, labels[:, None]).reshape(c, b).T
     return correct, p_true
 
@@ -204,7 +212,7 @@ def worst_case_spatial(
     images: int | Sequence[int] | None = None,
     classes: Sequence[str | int] | None = None,
     batch_size: int = 128,
-    forward_batch: int = 1024,
+    forward_batch: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     out: str | Path | None = None,
@@ -217,7 +225,19 @@ def worst_case_spatial(
     """
     from invariscope.measure.sweep import sweep
 
-    result = sweep(model, dataset, [], worst_case=budget or SpatialBudget(), images=images,
-                   classes=classes, batch_size=batch_size, forward_batch=forward_batch,
-                   seed=seed, device=device, out=out, overwrite=overwrite, figures=False)
+    result = sweep(
+        model,
+        dataset,
+        [],
+        worst_case=budget or SpatialBudget(),
+        images=images,
+        classes=classes,
+        batch_size=batch_size,
+        forward_batch=forward_batch,
+        seed=seed,
+        device=device,
+        out=out,
+        overwrite=overwrite,
+        figures=False,
+    )
     return WorstCaseResult(result.table("worst_case"), result.aggregates["worst_case_summary"])

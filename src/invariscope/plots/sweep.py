@@ -28,9 +28,26 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 _PALETTE = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-    "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
-    "#e6550d", "#31a354", "#756bb1", "#636363",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#393b79",
+    "#637939",
+    "#8c6d31",
+    "#843c39",
+    "#7b4173",
+    "#3182bd",
+    "#e6550d",
+    "#31a354",
+    "#756bb1",
+    "#636363",
 ]
 
 
@@ -113,12 +130,12 @@ def plot_accuracy_curves(
             sub = class_accuracy[
                 (class_accuracy["transform"] == tname) & (class_accuracy["label"] == label)
             ].sort_values("magnitude")
-            (h,) = ax.plot(sub["magnitude"], sub["accuracy"], lw=0.9, alpha=0.75,
-                           color=_colour(label))
+            (h,) = ax.plot(
+                sub["magnitude"], sub["accuracy"], lw=0.9, alpha=0.75, color=_colour(label)
+            )
             handles.setdefault(f"class {_class_name(label, names)}", h)
         sub = accuracy[accuracy["transform"] == tname].sort_values("magnitude")
-        (h,) = ax.plot(sub["magnitude"], sub["accuracy"], color="black", lw=2.2, marker=".",
-                       ms=4)
+        (h,) = ax.plot(sub["magnitude"], sub["accuracy"], color="black", lw=2.2, marker=".", ms=4)
         handles.setdefault("all classes", h)
         if tname in identity:
             ax.axvline(identity[tname], color="grey", ls=":", lw=1)
@@ -127,7 +144,7 @@ def plot_accuracy_curves(
         ax.set_ylabel("top-1 accuracy")
         ax.set_title(tname)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(order):]:
+    for ax in list(axes.flat)[len(order) :]:
         ax.set_visible(False)
     keys = ["all classes"] + [k for k in handles if k != "all classes"]
     fig.legend([handles[k] for k in keys], keys, loc="outside right upper", fontsize=8)
@@ -162,8 +179,14 @@ def plot_softmax_curves(
     # a fixed grid (no constrained layout): many panels stay cheap to draw
     width, height = 3.3 * cols + 0.9, 2.3 * rows + 1.1
     fig = Figure(figsize=(width, height))
-    fig.subplots_adjust(left=0.9 / width, right=0.98, bottom=0.55 / height,
-                        top=1 - 0.75 / height, wspace=0.25, hspace=0.3)
+    fig.subplots_adjust(
+        left=0.9 / width,
+        right=0.98,
+        bottom=0.55 / height,
+        top=1 - 0.75 / height,
+        wspace=0.25,
+        hspace=0.3,
+    )
     axes = fig.subplots(rows, cols, squeeze=False)
     for r, label in enumerate(labels):
         for c, tname in enumerate(order):
@@ -174,13 +197,23 @@ def plot_softmax_curves(
                 group = sub[sub["series"] == series].sort_values("magnitude")
                 cls = int(group["class_index"].iloc[0])
                 if series == "others":
-                    ax.plot(group["magnitude"], group["mean_softmax"], color="grey", ls="--",
-                            lw=1, label="others (max)")
+                    ax.plot(
+                        group["magnitude"],
+                        group["mean_softmax"],
+                        color="grey",
+                        ls="--",
+                        lw=1,
+                        label="others (max)",
+                    )
                 else:
                     true = bool(group["is_true_class"].iloc[0])
-                    ax.plot(group["magnitude"], group["mean_softmax"], color=_colour(cls),
-                            lw=2.2 if true else 1.2,
-                            label=_class_name(cls, names) + (" (true)" if true else ""))
+                    ax.plot(
+                        group["magnitude"],
+                        group["mean_softmax"],
+                        color=_colour(cls),
+                        lw=2.2 if true else 1.2,
+                        label=_class_name(cls, names) + (" (true)" if true else ""),
+                    )
             if tname in identity:
                 ax.axvline(identity[tname], color="grey", ls=":", lw=0.8)
             # headroom above 1 keeps the legend off the curves
@@ -199,7 +232,9 @@ def plot_softmax_curves(
 
 
 def _fmt(value: float) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
+    return (
+        "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
+    )
 
 
 def plot_thresholds(
@@ -222,8 +257,10 @@ def plot_thresholds(
     units, _ = _units(transforms)
     ranges = {}
     if transforms is not None and "min_magnitude" in transforms.columns:
-        ranges = {str(r.transform): (float(r.min_magnitude), float(r.max_magnitude))
-                  for r in transforms.itertuples(index=False)}
+        ranges = {
+            str(r.transform): (float(r.min_magnitude), float(r.max_magnitude))
+            for r in transforms.itertuples(index=False)
+        }
     order = list(dict.fromkeys(thresholds["transform"]))
     labels = sorted(int(v) for v in thresholds["label"].unique())[: max_rows + 1]
     table = thresholds.set_index(["transform", "label"])
@@ -247,8 +284,10 @@ def plot_thresholds(
             else:
                 row += ["—", "—"]
         cells.append(row)
-    fig = Figure(figsize=(1.0 + 1.45 * len(header), 1.0 + 0.3 * (len(cells) + header_lines)),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(1.0 + 1.45 * len(header), 1.0 + 0.3 * (len(cells) + header_lines)),
+        layout="constrained",
+    )
     ax = fig.subplots()
     ax.axis("off")
     tab = ax.table(cellText=cells, colLabels=header, loc="center", cellLoc="center")
@@ -259,9 +298,20 @@ def plot_thresholds(
         if r == 0:
             cell.set_text_props(weight="bold")
             cell.set_height(cell.get_height() * (0.4 + 0.6 * header_lines))
+    ax.text(
+        0.5,
+        0.0,
+        "— : not reached within the swept range;   n/a : nothing swept on that side",
+        transform=ax.transAxes,
+        ha="center",
+        va="top",
+        fontsize=8,
+        color="0.3",
+    )
     frac = "" if fraction is None else f"{fraction:g} x "
-    ax.set_title(f"Thresholds: first magnitude where class accuracy < {frac}identity accuracy",
-                 fontsize=10)
+    ax.set_title(
+        f"Thresholds: first magnitude where class accuracy < {frac}identity accuracy", fontsize=10
+    )
     return _save(fig, Path(out_dir), name)
 
 
@@ -284,15 +334,24 @@ def plot_heatmaps(
         ys = np.sort(sub["magnitude_b"].unique())
         fig = Figure(figsize=(10.5, 4.3), layout="constrained")
         axes = fig.subplots(1, 2)
-        for ax, column, title in ((axes[0], "accuracy", "top-1 accuracy"),
-                                  (axes[1], "mean_p_true", "mean p(true class)")):
+        for ax, column, title in (
+            (axes[0], "accuracy", "top-1 accuracy"),
+            (axes[1], "mean_p_true", "mean p(true class)"),
+        ):
             grid = sub.pivot(index="magnitude_b", columns="magnitude_a", values=column)
             grid = grid.reindex(index=ys, columns=xs)
             dx = (xs[1] - xs[0]) / 2 if len(xs) > 1 else 0.5
             dy = (ys[1] - ys[0]) / 2 if len(ys) > 1 else 0.5
-            image = ax.imshow(grid.to_numpy(dtype=float), origin="lower", aspect="auto",
-                              extent=(xs[0] - dx, xs[-1] + dx, ys[0] - dy, ys[-1] + dy),
-                              vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+            image = ax.imshow(
+                grid.to_numpy(dtype=float),
+                origin="lower",
+                aspect="auto",
+                extent=(xs[0] - dx, xs[-1] + dx, ys[0] - dy, ys[-1] + dy),
+                vmin=0.0,
+                vmax=1.0,
+                cmap="viridis",
+                interpolation="nearest",
+            )
             fig.colorbar(image, ax=ax, label=title)
             ax.set_xlabel(_axis_label(str(a), units))
             ax.set_ylabel(_axis_label(str(b), units))
@@ -302,25 +361,46 @@ def plot_heatmaps(
     return paths
 
 
-def plot_worst_case(summary: pd.DataFrame, out_dir: str | Path, *, name: str = "worst_case",
-                    budget: str | None = None) -> list[Path]:
+def plot_worst_case(
+    summary: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    name: str = "worst_case",
+    budget: str | None = None,
+) -> list[Path]:
     """Bar chart of natural / random / worst-of-k / grid accuracy (Engstrom et al. 2019)."""
     overall = summary[summary["label"] == -1].set_index("setting")
     settings = [s for s in ("natural", "random", "worst_of_k", "grid") if s in overall.index]
     values = [float(overall.loc[s, "accuracy"]) for s in settings]
     fig = Figure(figsize=(5.2, 3.6), layout="constrained")
     ax = fig.subplots()
-    colours = {"natural": "#2ca02c", "random": "#1f77b4", "worst_of_k": "#ff7f0e",
-               "grid": "#d62728"}
-    meaning = {"natural": "natural: untransformed image",
-               "random": "random: one uniform draw in the budget",
-               "worst_of_k": "worst-of-k: all k random draws correct",
-               "grid": "grid: every grid point correct"}
-    bars = ax.bar([s.replace("_", "-") for s in settings], values,
-                  color=[colours[s] for s in settings], label=[meaning[s] for s in settings])
+    colours = {
+        "natural": "#2ca02c",
+        "random": "#1f77b4",
+        "worst_of_k": "#ff7f0e",
+        "grid": "#d62728",
+    }
+    meaning = {
+        "natural": "natural: untransformed image",
+        "random": "random: one uniform draw in the budget",
+        "worst_of_k": "worst-of-k: all k random draws correct",
+        "grid": "grid: every grid point correct",
+    }
+    bars = ax.bar(
+        [s.replace("_", "-") for s in settings],
+        values,
+        color=[colours[s] for s in settings],
+        label=[meaning[s] for s in settings],
+    )
     for bar, value in zip(bars, values, strict=True):
-        ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.3f}", ha="center",
-                va="bottom", fontsize=9)
+        ax.text(
+            bar.get_x() + bar.get_width() / 2,
+            value + 0.01,
+            f"{value:.3f}",
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
     ax.set_ylim(0, 1.35)
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("top-1 accuracy [fraction of images]")
@@ -330,8 +410,13 @@ def plot_worst_case(summary: pd.DataFrame, out_dir: str | Path, *, name: str = "
     return _save(fig, Path(out_dir), name)
 
 
-def render_sweep_figures(tables: Mapping[str, pd.DataFrame], out_dir: str | Path,
-                         *, fraction: float | None = None, budget: str | None = None) -> list[Path]:
+def render_sweep_figures(
+    tables: Mapping[str, pd.DataFrame],
+    out_dir: str | Path,
+    *,
+    fraction: float | None = None,
+    budget: str | None = None,
+) -> list[Path]:
     """Draw every figure whose tables are present in ``tables``; return the written paths."""
     out_dir = Path(out_dir)
     classes = tables.get("classes")
@@ -339,15 +424,21 @@ def render_sweep_figures(tables: Mapping[str, pd.DataFrame], out_dir: str | Path
     paths: list[Path] = []
     accuracy = tables.get("accuracy")
     if accuracy is not None and len(accuracy):
-        paths += plot_accuracy_curves(accuracy, out_dir, class_accuracy=tables.get("class_accuracy"),
-                                      classes=classes, transforms=transforms)
+        paths += plot_accuracy_curves(
+            accuracy,
+            out_dir,
+            class_accuracy=tables.get("class_accuracy"),
+            classes=classes,
+            transforms=transforms,
+        )
     curves = tables.get("softmax_curves")
     if curves is not None and len(curves):
         paths += plot_softmax_curves(curves, out_dir, classes=classes, transforms=transforms)
     th = tables.get("thresholds")
     if th is not None and len(th):
-        paths += plot_thresholds(th, out_dir, classes=classes, transforms=transforms,
-                                 fraction=fraction)
+        paths += plot_thresholds(
+            th, out_dir, classes=classes, transforms=transforms, fraction=fraction
+        )
     acc2d = tables.get("accuracy_2d")
     if acc2d is not None and len(acc2d):
         paths += plot_heatmaps(acc2d, out_dir, transforms=transforms)
@@ -364,10 +455,16 @@ def render_sweep_run(run_dir: str | Path, out_dir: str | Path | None = None) -> 
     run = RunStore.open(run_dir)
     tables = {name: run.read_aggregate(name) for name in run.aggregates()}
     meta = run.meta
-    budget = (run.config.get("worst_case") or None)
+    budget = run.config.get("worst_case") or None
     text = None
     if budget:
-        text = (f"+-{budget['max_angle']:g} deg, +-{budget['max_shift']:g} px, grid "
-                f"{budget['angles']}x{budget['shifts']}x{budget['shifts']}, k={budget['k']}")
-    return render_sweep_figures(tables, Path(out_dir) if out_dir else Path(run_dir) / "figures",
-                                fraction=meta.get("threshold_fraction"), budget=text)
+        text = (
+            f"+-{budget['max_angle']:g} deg, +-{budget['max_shift']:g} px, grid "
+            f"{budget['angles']}x{budget['shifts']}x{budget['shifts']}, k={budget['k']}"
+        )
+    return render_sweep_figures(
+        tables,
+        Path(out_dir) if out_dir else Path(run_dir) / "figures",
+        fraction=meta.get("threshold_fraction"),
+        budget=text,
+    )
