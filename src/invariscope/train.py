@@ -131,7 +131,7 @@ def augment_batch(
             mags = mags.round()
         options = {}
         if name == "gaussian_noise":
-            options["seed"] = torch.randint(0, 2**62, (b,), generator=generator)
+            options["seed"] = torch.randint(0, 2**31, (b,), generator=generator)
         images = spec(images, mags.to(images.device, images.dtype), **options)
     return images
 
