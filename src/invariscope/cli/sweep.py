@@ -160,6 +160,13 @@ def _budget(angle: float, shift: float, grid: str, k: int):
     help="Run directory (resumed if it holds the same configuration).",
 )
 @click.option("--overwrite", is_flag=True, help="Discard the results already in --out.")
+@click.option(
+    "--timeout",
+    default=1800.0,
+    show_default=True,
+    type=float,
+    help="Distributed runs (torchrun): seconds a rank waits for the others.",
+)
 @click.option("--no-figures", is_flag=True, help="Write tables only.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def sweep_cmd(
@@ -185,6 +192,7 @@ def sweep_cmd(
     workers,
     out,
     overwrite,
+    timeout,
     no_figures,
     no_progress,
 ) -> None:
@@ -196,15 +204,22 @@ def sweep_cmd(
     and figures (PNG and SVG) under figures/. An interrupted run resumes where it
     stopped when started again with the same arguments.
 
+    Under torchrun each process computes its share of the parts into the same --out
+    (with --device cuda, process i uses cuda:LOCAL_RANK); rank 0 waits for the others,
+    then aggregates and prints the summary.
+
     \b
     Example:
       invariscope sweep --model model.pt --data digits --transforms rotation,translate_x,gaussian_noise --range rotation=-180:180:5 --out runs/sweep
       invariscope sweep --model model.pt --data digits --pair translate_x,translate_y --worst-case --images 200 --out runs/grid
+      torchrun --nproc_per_node 2 -m invariscope sweep --model model.pt --data digits --transforms rotation --out runs/dist
     """
     from invariscope.data import create_dataset
     from invariscope.errors import InvariscopeError
+    from invariscope.measure._sweep_core import init_distributed, rank_device
     from invariscope.measure.sweep import sweep
     from invariscope.models import load_model
+    from invariscope.runs.store import rank_from_env
     from invariscope.train import resolve_device
     from invariscope.transforms import parse_range
 
@@ -221,32 +236,46 @@ def sweep_cmd(
         raise InvariscopeError(
             "nothing to sweep: give --transforms (e.g. rotation,translate_x), --pair or --worst-case"
         )
-    dev = resolve_device(device)
+    if timeout <= 0:
+        raise InvariscopeError(f"--timeout must be positive, got {timeout:g}")
+    rank, world_size = rank_from_env()
+    dev = rank_device(resolve_device(device), rank, world_size)
     model = load_model(model_spec, weights)
     dataset = create_dataset(data_spec, split=split)
-    result = sweep(
-        model,
-        dataset,
-        names,
-        magnitudes or None,
-        pairs=pair_list,
-        worst_case=budget,
-        images=images,
-        classes=_split_list(classes) if classes else None,
-        batch_size=batch_size,
-        forward_batch=forward_batch,
-        seed=seed,
-        threshold_fraction=threshold,
-        device=dev,
-        out=out,
-        overwrite=overwrite,
-        figures=not no_figures,
-        progress=not no_progress,
-        num_workers=workers,
-        model_spec=model_spec if weights is None else f"{model_spec} (weights {weights})",
-        data_spec=f"{data_spec}:{split}" if split != "test" else data_spec,
-    )
-    _report(result, out)
+    started = init_distributed(dev, timeout=timeout)
+    try:
+        result = sweep(
+            model,
+            dataset,
+            names,
+            magnitudes or None,
+            pairs=pair_list,
+            worst_case=budget,
+            images=images,
+            classes=_split_list(classes) if classes else None,
+            batch_size=batch_size,
+            forward_batch=forward_batch,
+            seed=seed,
+            threshold_fraction=threshold,
+            device=dev,
+            out=out,
+            overwrite=overwrite,
+            figures=not no_figures,
+            progress=not no_progress,
+            num_workers=workers,
+            model_spec=model_spec if weights is None else f"{model_spec} (weights {weights})",
+            data_spec=f"{data_spec}:{split}" if split != "test" else data_spec,
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+        )
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if result.aggregated:  # the other ranks print nothing but errors
+        _report(result, out)
 
 
 def _fmt(value) -> str:

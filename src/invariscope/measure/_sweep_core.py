@@ -1,4 +1,5 @@
-"""Shared machinery of sweeps: input checks, image selection, batching, batched predictions.
+"""Shared machinery of sweeps: input checks, image selection, batching, batched predictions,
+and how the ranks of a distributed sweep meet (:class:`RankGroup`, :func:`init_distributed`).
 
 Private to :mod:`invariscope.measure.sweep` and :mod:`invariscope.measure.worst_case`.
 Everything here works on whole batches on the model's device; the only Python loops

@@ -36,6 +36,9 @@ forward pass of at most ``forward_batch`` images, everything runs under
 per-class softmax sums leave the device. With ``out=RUN_DIR`` the parts go to an
 :class:`invariscope.runs.store.RunStore`: an interrupted run resumes by skipping the
 finished parts, and the aggregates are computed at the end by streaming over the parts.
+Parts are also the unit of distribution: under ``torchrun`` (or with ``rank`` and
+``world_size``) each rank computes its share of the parts into the same run directory
+and rank 0 aggregates once all are done (see :func:`sweep`, "Distribution").
 
 Example:
     >>> from invariscope.data import create_dataset
@@ -63,6 +66,7 @@ from torch.utils.data import Dataset
 
 import invariscope
 from invariscope.errors import InvariscopeError
+from invariscope.measure import _sweep_core
 from invariscope.measure import aggregate as agg
 from invariscope.measure._sweep_core import (
     check_images,
@@ -119,12 +123,22 @@ class SweepResult:
         run_dir: the run directory, or None for an in-memory sweep.
         summary: a few headline numbers (also stored in the run's manifest).
         figures: paths of the figures written (empty unless ``figures=True``).
+        rank, world_size: this process's place in a distributed sweep (0 and 1 otherwise).
+        aggregated: False on ranks other than 0 of a distributed sweep: they only write
+            their share of the parts, and ``aggregates``, ``summary`` and ``figures``
+            are empty (rank 0 aggregates; read its run directory with
+            :meth:`invariscope.runs.RunStore.open`).
+        parts_written: ids of the parts this process computed (not those it resumed).
     """
 
     aggregates: dict[str, pd.DataFrame]
     run_dir: Path | None
     summary: dict[str, Any]
     figures: list[Path] = field(default_factory=list)
+    rank: int = 0
+    world_size: int = 1
+    aggregated: bool = True
+    parts_written: list[str] = field(default_factory=list)
     _store: Any = field(default=None, repr=False)
 
     def table(self, name: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -132,6 +146,11 @@ class SweepResult:
         if name in self.aggregates:
             frame = self.aggregates[name]
             return frame if columns is None else frame[list(columns)]
+        if not self.aggregated and name in AGGREGATE_TABLES:
+            raise InvariscopeError(
+                f"rank {self.rank} of {self.world_size} does not aggregate, so it has no "
+                f"'{name}' table; read it from rank 0's result or RunStore.open('{self.run_dir}')"
+            )
         if name not in PART_TABLES:
             raise InvariscopeError(
                 f"no table '{name}' in this sweep; known: "
@@ -140,7 +159,7 @@ class SweepResult:
         return self._store.read_table(name, columns=columns)
 
     def __getattr__(self, name: str) -> pd.DataFrame:
-        if name.startswith("_") or name in ("aggregates", "run_dir", "summary", "figures"):
+        if name.startswith("_") or name in SweepResult.__dataclass_fields__:
             raise AttributeError(name)
         if name in AGGREGATE_TABLES or name in PART_TABLES:
             return self.table(name)
@@ -651,126 +670,97 @@ def _summary(
     return summary
 
 
-def sweep(
-    model: nn.Module,
-    dataset: Dataset,
-    transforms: str | Sequence[str] | None = ("rotation",),
-    magnitudes: Mapping[str, Any] | Any | None = None,
-    *,
-    pairs: Iterable[Any] | None = None,
-    worst_case: SpatialBudget | bool | Mapping[str, Any] | None = None,
-    images: int | Sequence[int] | None = None,
-    classes: Sequence[str | int] | None = None,
-    batch_size: int = 128,
-    forward_batch: int | None = None,
-    top_k: int = 5,
-    seed: int = 0,
-    threshold_fraction: float = 0.5,
-    device: str | torch.device | None = None,
-    out: str | Path | None = None,
-    overwrite: bool = False,
-    figures: bool | None = None,
-    progress: bool = False,
-    num_workers: int = 0,
-    model_spec: str | None = None,
-    data_spec: str | None = None,
-) -> SweepResult:
-    """Sweep ``transforms`` over their magnitudes on ``dataset`` and summarise the predictions.
+def _check_rank(rank: Any, world_size: Any) -> None:
+    for what, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise InvariscopeError(f"{what} must be an int, got {value!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise InvariscopeError(
+            f"rank {rank} is not in [0, world_size={world_size}); check rank and world_size "
+            "(RANK and WORLD_SIZE under torchrun)"
+        )
 
-    Args:
-        model: a classifier: ``[B, C, H, W]`` images in ``[0, 1]`` -> logits ``[B, K]``,
-            ``K = len(dataset.classes)``. Put in eval mode for the sweep (restored after).
-        dataset: yields ``(image [C, H, W] in [0, 1], label)``; has ``classes``.
-        transforms: registered names (list or ``"rotation,zoom"``); may be empty with
-            ``pairs`` or ``worst_case``.
-        magnitudes: ``{name: spec}`` with spec a range ``(start, stop[, step])`` or
-            ``"start:stop[:step]"``, or explicit values (list / array); missing names use
-            the registry's default range. The identity magnitude is always added.
-        pairs: two-parameter sweeps, e.g. ``[("translate_x", "translate_y")]``, over the
-            full grid of both transformations' magnitudes (geometric pairs in ONE warp).
-        worst_case: ``True`` or a :class:`~invariscope.measure.worst_case.SpatialBudget`
-            for the rotation x translation worst-case search (Engstrom et al. 2019).
-        images: N (a seeded random subset of N images, sorted) or explicit indices.
-        classes: only images of these classes (names or indices).
-        batch_size: images per part (unit of resumption and of the per-part tables).
-        forward_batch: most images per forward pass; ``forward_batch // batch_size``
-            magnitudes of one batch share a forward pass. Default: 256 on the CPU (small
-            batches stay in cache), 1024 on a GPU.
-        top_k: number of top classes recorded per image (at most K).
-        seed: seeds the image subset, the noise (per image: the dataset index shifted by
-            ``seed``; exactly the index for ``seed=0``) and the worst-case random draws.
-        threshold_fraction: see :func:`invariscope.measure.aggregate.thresholds`.
-        device: where to run (the model is moved there); default: the model's device.
-        out: run directory; parts are stored there and a rerun resumes. A directory
-            holding another configuration is refused unless ``overwrite``.
-        figures: render the figures into ``out/figures`` (default: True when ``out``).
-        model_spec, data_spec: how the model and data were named (stored in the run's
-            ``meta.json``; the configuration holds their fingerprints, so the same model
-            named differently still resumes).
+
+def _open_store(
+    group,
+    out,
+    config,
+    part_ids: Sequence[str],
+    *,
+    overwrite: bool,
+    timeout: float,
+    meta: dict[str, Any],
+):
+    """Open the run directory on every rank and list this rank's parts to compute.
+
+    Rank 0 opens first (it creates, resumes or clears the directory), then, after a
+    barrier when there is a process group, the other ranks. Each rank lists the pending
+    parts right after opening, and a second barrier follows, so all ranks see the same
+    pending parts (nobody writes before it) and take disjoint shares of them. Without
+    a process group a rank takes its share of all parts, minus the done ones.
 
     Returns:
-        A :class:`SweepResult`. Raises :class:`InvariscopeError` for bad input (checked
-        before anything is written where possible; a failure later leaves the run
-        directory "running", without aggregates).
+        ``(store, todo)``.
     """
+    from invariscope.runs.store import RunStore
+
+    def attempt(opening: bool):
+        store, todo, error = None, None, None
+        if opening:
+            try:
+                store = RunStore(
+                    out,
+                    config,
+                    # the other ranks open after rank 0 has cleared the directory: a
+                    # configuration that differs there is an error, not worth a wait
+                    overwrite=overwrite and group.rank == 0,
+                    rank=group.rank,
+                    world_size=group.world_size,
+                    timeout=timeout,
+                )
+                if group.rank == 0:
+                    store.update_meta(meta)
+                if group.collective:
+                    todo = store.shard(store.pending(part_ids))
+                else:
+                    todo = store.pending(store.shard(part_ids))
+            except Exception as exc:
+                if not group.collective:
+                    raise
+                error = exc
+        failed = group.failed_ranks(error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            raise InvariscopeError(
+                f"rank {failed[0]} could not open the run directory '{out}' (see its error); "
+                "fix that and run the same command again"
+            )
+        return store, todo
+
+    first = attempt(group.rank == 0)  # barrier: rank 0 has written config.json
+    second = attempt(group.rank != 0)  # barrier: every rank listed its parts
+    return first if group.rank == 0 else second
+
+
+def _compute_parts(
+    model: nn.Module,
+    dataset: Dataset,
+    store,
+    plan: _Plan,
+    todo: Sequence[str],
+    *,
+    dev: torch.device,
+    num_classes: int,
+    top_k: int,
+    forward_batch: int,
+    seed: int,
+    num_workers: int,
+    progress: bool,
+) -> None:
+    """Compute and store the parts ``todo`` (batch by batch, each batch read once)."""
     from tqdm.auto import tqdm
 
-    if not 0.0 < threshold_fraction <= 1.0:
-        raise InvariscopeError(f"--threshold must be in (0, 1], got {threshold_fraction}")
-    if forward_batch is not None and forward_batch < 1:
-        raise InvariscopeError(f"--forward-batch must be at least 1, got {forward_batch}")
-    if top_k < 1:
-        raise InvariscopeError(f"top_k must be at least 1, got {top_k}")
-    class_names = dataset_classes(dataset)
-    num_classes = len(class_names)
-    model_classes = getattr(model, "num_classes", None)
-    if isinstance(model_classes, int) and model_classes != num_classes:
-        raise InvariscopeError(
-            f"the model has {model_classes} classes but the dataset has {num_classes}; use a "
-            "model trained on this dataset (or a dataset with matching classes)"
-        )
-    plan = _plan(
-        transforms,
-        magnitudes,
-        pairs,
-        worst_case,
-        dataset,
-        images=images,
-        classes=classes,
-        batch_size=batch_size,
-        seed=seed,
-    )
-    dev = _resolve_device(device, model)
-    if device is not None:
-        model.to(dev)
-    if forward_batch is None:
-        forward_batch = DEFAULT_FORWARD_BATCH.get(dev.type, 1024)
-    config = _config(
-        plan,
-        model,
-        dataset,
-        seed=seed,
-        top_k=top_k,
-        batch_size=batch_size,
-        forward_batch=forward_batch,
-    )
-    if out is not None:
-        from invariscope.runs.store import RunStore
-
-        store = RunStore(out, config, overwrite=overwrite)
-        store.update_meta(
-            {
-                "invariscope": invariscope.__version__,
-                "torch": torch.__version__,
-                "device": str(dev),
-                "threshold_fraction": threshold_fraction,
-                "model_spec": model_spec,
-                "data_spec": data_spec,
-            }
-        )
-    else:
-        store = _MemoryStore()
-    todo = store.pending([pid for pid, _, _ in plan.part_ids])
     todo_set = set(todo)
     pending_batches = sorted({payload[1] for pid, _, payload in plan.part_ids if pid in todo_set})
     was_training = model.training
@@ -832,12 +822,223 @@ def sweep(
     finally:
         bar.close()
         model.train(was_training)
+
+
+def sweep(
+    model: nn.Module,
+    dataset: Dataset,
+    transforms: str | Sequence[str] | None = ("rotation",),
+    magnitudes: Mapping[str, Any] | Any | None = None,
+    *,
+    pairs: Iterable[Any] | None = None,
+    worst_case: SpatialBudget | bool | Mapping[str, Any] | None = None,
+    images: int | Sequence[int] | None = None,
+    classes: Sequence[str | int] | None = None,
+    batch_size: int = 128,
+    forward_batch: int | None = None,
+    top_k: int = 5,
+    seed: int = 0,
+    threshold_fraction: float = 0.5,
+    device: str | torch.device | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    figures: bool | None = None,
+    progress: bool = False,
+    num_workers: int = 0,
+    model_spec: str | None = None,
+    data_spec: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    timeout: float = 1800.0,
+) -> SweepResult:
+    """Sweep ``transforms`` over their magnitudes on ``dataset`` and summarise the predictions.
+
+    Args:
+        model: a classifier: ``[B, C, H, W]`` images in ``[0, 1]`` -> logits ``[B, K]``,
+            ``K = len(dataset.classes)``. Put in eval mode for the sweep (restored after).
+        dataset: yields ``(image [C, H, W] in [0, 1], label)``; has ``classes``.
+        transforms: registered names (list or ``"rotation,zoom"``); may be empty with
+            ``pairs`` or ``worst_case``.
+        magnitudes: ``{name: spec}`` with spec a range ``(start, stop[, step])`` or
+            ``"start:stop[:step]"``, or explicit values (list / array); missing names use
+            the registry's default range. The identity magnitude is always added.
+        pairs: two-parameter sweeps, e.g. ``[("translate_x", "translate_y")]``, over the
+            full grid of both transformations' magnitudes (geometric pairs in ONE warp).
+        worst_case: ``True`` or a :class:`~invariscope.measure.worst_case.SpatialBudget`
+            for the rotation x translation worst-case search (Engstrom et al. 2019).
+        images: N (a seeded random subset of N images, sorted) or explicit indices.
+        classes: only images of these classes (names or indices).
+        batch_size: images per part (unit of resumption and of the per-part tables).
+        forward_batch: most images per forward pass; ``forward_batch // batch_size``
+            magnitudes of one batch share a forward pass. Default: 256 on the CPU (small
+            batches stay in cache), 1024 on a GPU.
+        top_k: number of top classes recorded per image (at most K).
+        seed: seeds the image subset, the noise (per image: the dataset index shifted by
+            ``seed``; exactly the index for ``seed=0``) and the worst-case random draws.
+        threshold_fraction: see :func:`invariscope.measure.aggregate.thresholds`.
+        device: where to run (the model is moved there); default: the model's device.
+        out: run directory; parts are stored there and a rerun resumes. A directory
+            holding another configuration is refused unless ``overwrite``.
+        figures: render the figures into ``out/figures`` (default: True when ``out``).
+        model_spec, data_spec: how the model and data were named (stored in the run's
+            ``meta.json``; the configuration holds their fingerprints, so the same model
+            named differently still resumes).
+        rank, world_size: this process's place in a distributed sweep (default:
+            :func:`invariscope.runs.store.rank_from_env`, i.e. ``(0, 1)`` outside
+            ``torchrun``). See "Distribution" below.
+        timeout: distributed sweeps only: seconds a rank waits for the others (rank 0
+            for parts: seconds without a new part; the other ranks for rank 0's
+            ``config.json``).
+
+    Returns:
+        A :class:`SweepResult`. Raises :class:`InvariscopeError` for bad input (checked
+        before anything is written where possible; a failure later leaves the run
+        directory "running", without aggregates).
+
+    Distribution:
+        With ``world_size > 1`` (``torchrun``, or explicit ``rank``/``world_size``) every
+        rank runs this same call with ``out`` set. Rank 0 opens (resumes, overwrites) the
+        run directory, each rank computes its share of the pending parts into it
+        (disjoint shares that cover all), and rank 0 alone aggregates, draws and
+        finalizes once every part is done; the other ranks return a result with
+        ``aggregated=False``. Parts hold the same numbers whoever computes them, so
+        the tables equal those of a single-process run. Two ways to meet:
+
+        - an initialised ``torch.distributed`` process group (``invariscope sweep``
+          starts one under torchrun; see :func:`~invariscope.measure._sweep_core.init_distributed`):
+          barriers after opening the directory and after the parts; the pending parts
+          are listed once all ranks have opened it and dealt round-robin
+          (:func:`invariscope.runs.store.shard`), so a resumed run is shared evenly too.
+          If a rank fails, every rank learns it at the barrier and rank 0 raises
+          instead of aggregating;
+        - no process group: rank ``r`` takes ``shard(all part ids, r, world_size)``
+          minus the done ones, and rank 0 polls the run directory until every part is
+          done (:func:`~invariscope.measure._sweep_core.wait_for_parts`, ``timeout``
+          seconds without progress). ``overwrite`` then needs a process group.
+
+        Either way a failure on any rank leaves the run "running" without aggregates
+        (:meth:`RunStore.finalize` refuses missing parts), and running the same
+        command again resumes it.
+    """
+    if not 0.0 < threshold_fraction <= 1.0:
+        raise InvariscopeError(f"--threshold must be in (0, 1], got {threshold_fraction}")
+    if forward_batch is not None and forward_batch < 1:
+        raise InvariscopeError(f"--forward-batch must be at least 1, got {forward_batch}")
+    if top_k < 1:
+        raise InvariscopeError(f"top_k must be at least 1, got {top_k}")
+    class_names = dataset_classes(dataset)
+    num_classes = len(class_names)
+    model_classes = getattr(model, "num_classes", None)
+    if isinstance(model_classes, int) and model_classes != num_classes:
+        raise InvariscopeError(
+            f"the model has {model_classes} classes but the dataset has {num_classes}; use a "
+            "model trained on this dataset (or a dataset with matching classes)"
+        )
+    plan = _plan(
+        transforms,
+        magnitudes,
+        pairs,
+        worst_case,
+        dataset,
+        images=images,
+        classes=classes,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    from invariscope.runs.store import rank_from_env
+
+    env = rank_from_env()
+    rank = env.rank if rank is None else rank
+    world_size = env.world_size if world_size is None else world_size
+    _check_rank(rank, world_size)
+    distributed = world_size > 1
+    if distributed and out is None:
+        raise InvariscopeError(
+            f"a distributed sweep (world size {world_size}) needs a run directory that all "
+            "ranks share; pass out=RUN_DIR (--out)"
+        )
+    dev = _sweep_core.rank_device(_resolve_device(device, model), rank, world_size)
+    group = _sweep_core.RankGroup(rank, world_size, dev)
+    if distributed and overwrite and not group.collective:
+        raise InvariscopeError(
+            "overwrite in a distributed sweep needs torch.distributed (launch "
+            "'invariscope sweep' with torchrun, or call torch.distributed.init_process_group "
+            "first) so that no rank writes before rank 0 has cleared the run directory; or "
+            "remove the directory and run without overwrite"
+        )
+    if device is not None:
+        model.to(dev)
+    if forward_batch is None:
+        forward_batch = DEFAULT_FORWARD_BATCH.get(dev.type, 1024)
+    config = _config(
+        plan,
+        model,
+        dataset,
+        seed=seed,
+        top_k=top_k,
+        batch_size=batch_size,
+        forward_batch=forward_batch,
+    )
+    all_ids = [pid for pid, _, _ in plan.part_ids]
+    if out is not None:
+        store, todo = _open_store(
+            group,
+            out,
+            config,
+            all_ids,
+            overwrite=overwrite,
+            timeout=timeout,
+            meta={
+                "invariscope": invariscope.__version__,
+                "torch": torch.__version__,
+                "device": str(dev),
+                "world_size": world_size,
+                "threshold_fraction": threshold_fraction,
+                "model_spec": model_spec,
+                "data_spec": data_spec,
+            },
+        )
+    else:
+        store = _MemoryStore()
+        todo = store.pending(all_ids)
+    error: Exception | None = None
+    try:
+        _compute_parts(
+            model,
+            dataset,
+            store,
+            plan,
+            todo,
+            dev=dev,
+            num_classes=num_classes,
+            top_k=top_k,
+            forward_batch=forward_batch,
+            seed=seed,
+            num_workers=num_workers,
+            progress=progress and rank == 0,
+        )
+    except Exception as exc:  # the other ranks must still reach the barrier
+        if not group.collective:
+            raise
+        error = exc
+    failed = group.failed_ranks(error is not None)
+    if error is not None:
+        raise error
+    run_dir = Path(out) if out is not None else None
+    if rank != 0:
+        return SweepResult({}, run_dir, {}, [], rank, world_size, False, list(todo), store)
+    if failed:
+        raise InvariscopeError(
+            f"rank {', '.join(map(str, failed))} of {world_size} failed (see its error), so "
+            f"run '{out}' stays incomplete; fix that and run the same command again to resume"
+        )
+    if distributed and not group.collective:
+        _sweep_core.wait_for_parts(store, all_ids, timeout=timeout)
     aggregates = _aggregate(store, plan, class_names, threshold_fraction)
     summary = _summary(aggregates, plan, threshold_fraction)
     for name, table in aggregates.items():
         store.write_aggregate(name, table)
     written: list[Path] = []
-    run_dir = Path(out) if out is not None else None
     if figures if figures is not None else out is not None:
         if out is None:
             raise InvariscopeError("figures need a run directory; pass out=RUN_DIR")
@@ -851,8 +1052,10 @@ def sweep(
             budget=None if plan.budget is None else plan.budget.describe(),
         )
     if out is not None:
-        store.finalize(summary, expected_parts=[pid for pid, _, _ in plan.part_ids])
-    return SweepResult(aggregates, run_dir, summary, written, store)
+        store.finalize(summary, expected_parts=all_ids)
+    return SweepResult(
+        aggregates, run_dir, summary, written, rank, world_size, True, list(todo), store
+    )
 
 
 def sweep_2d(
