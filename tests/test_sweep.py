@@ -379,9 +379,13 @@ class Shaped(nn.Module):
         super().__init__()
         self.kind = kind
         self.w = nn.Parameter(torch.ones(()))
+        self.calls = 0
 
     def forward(self, x):
         b = x.shape[0]
+        self.calls += 1
+        if self.kind == "late-nan" and self.calls > 1:  # fine on the pre-flight pass only
+            return x.flatten(1)[:, :10] + float("nan")
         logits = x.flatten(1)[:, :10] * self.w
         if self.kind == "3d":
             return logits[:, :, None]
@@ -404,6 +408,7 @@ class Shaped(nn.Module):
         ("five", "outputs 5 classes"),
         ("nan", "NaN logits"),
         ("inf", "infinite logits"),
+        ("late-nan", "NaN logits"),
     ],
 )
 def test_bad_model_output_leaves_nothing_complete(kind, fragment, tmp_path, test_set):
@@ -411,7 +416,10 @@ def test_bad_model_output_leaves_nothing_complete(kind, fragment, tmp_path, test
     with pytest.raises(InvariscopeError, match=fragment) as err:
         sweep(Shaped(kind), test_set, ["rotation"], {"rotation": (-10, 10, 10)}, images=8, out=out)
     assert "\n" not in str(err.value)
-    assert _status(out) == "running" and not (out / "aggregates").exists()
+    if kind == "late-nan":  # found while computing parts: the run stays incomplete
+        assert _status(out) == "running" and not (out / "aggregates").exists()
+    else:  # found by the pre-flight forward pass: nothing is written at all
+        assert not out.exists()
 
 
 def test_bad_input_is_refused_before_writing(tmp_path, test_set):
@@ -492,3 +500,14 @@ def test_unreadable_file_in_image_folder(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "imgs" / "dog" / "1.png")  # readable, other size
     with pytest.raises(InvariscopeError, match="differ in size"):
         sweep(Tiny(num_classes=2), data, ["rotation"], {"rotation": (-10, 10, 10)})
+
+
+def test_model_that_does_not_fit_the_data_creates_no_run_directory(tmp_path):
+    from invariscope.data import create_dataset
+    from invariscope.models import create_model
+
+    shapes = create_dataset("shapes", "test", size=8)  # RGB 32x32; simple-cnn takes 1x28x28
+    out = tmp_path / "run"
+    with pytest.raises(InvariscopeError, match="channel"):
+        sweep(create_model("simple-cnn"), shapes, ["rotation"], out=out)
+    assert not out.exists()

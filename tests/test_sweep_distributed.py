@@ -166,7 +166,7 @@ from invariscope.models import load_checkpoint
 
 
 class FailingOnRank(torch.nn.Module):
-    """The checkpoint's model; on rank $FAIL_RANK its second sweep forward pass raises."""
+    """The checkpoint's model; on rank $FAIL_RANK its second sweep forward pass (after the pre-flight one) raises."""
 
     def __init__(self, inner):
         super().__init__()
@@ -176,7 +176,7 @@ class FailingOnRank(torch.nn.Module):
     def forward(self, x):
         self.calls += torch.is_inference_mode_enabled()  # not the shape probe of loading
         fail = os.environ.get("FAIL_RANK", "none") == os.environ.get("RANK")
-        if fail and self.calls == 2:
+        if fail and self.calls == 3:
             raise RuntimeError("simulated failure on rank " + os.environ["RANK"])
         return self.inner(x)
 

@@ -670,6 +670,26 @@ def _summary(
     return summary
 
 
+def _preflight(
+    model: nn.Module, dataset: Dataset, indices: np.ndarray, num_classes: int, dev: torch.device
+) -> None:
+    """One forward pass on the first images before anything is written.
+
+    A model that does not fit the data (channels, size, output shape, class count) is
+    refused here, so that no run directory is created for it.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for _, x, y, _ in iter_batches(dataset, [indices]):
+                check_images(x, y, num_classes)
+                logits = model(x.to(dev))
+                _sweep_core.check_logits(logits, len(indices), num_classes, "on the first images")
+    finally:
+        model.train(was_training)
+
+
 def _check_rank(rank: Any, world_size: Any) -> None:
     for what, value in (("rank", rank), ("world_size", world_size)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
@@ -970,6 +990,7 @@ def sweep(
         model.to(dev)
     if forward_batch is None:
         forward_batch = DEFAULT_FORWARD_BATCH.get(dev.type, 1024)
+    _preflight(model, dataset, plan.indices[:2], num_classes, dev)
     config = _config(
         plan,
         model,
@@ -1105,6 +1126,8 @@ def demo_sweep(model: nn.Module, dataset: Dataset, out_dir: str | Path) -> str:
         out=out_dir / "screening",
         overwrite=True,
         figures=True,
+        rank=0,
+        world_size=1,
     )
     spatial = sweep(
         model,
@@ -1117,6 +1140,8 @@ def demo_sweep(model: nn.Module, dataset: Dataset, out_dir: str | Path) -> str:
         out=out_dir / "spatial",
         overwrite=True,
         figures=True,
+        rank=0,
+        world_size=1,
     )
     th = screening.aggregates["thresholds"]
     overall = th[th["label"] == agg.ALL_CLASSES].set_index("transform")
