@@ -222,7 +222,13 @@ def train(
     augment_gen = torch.Generator().manual_seed(seed + 1)
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
     history = []
-    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="batch", leave=False)
+    # disable=None: no bar when stderr is not a terminal (logs, CI)
+    bar = tqdm(
+        total=epochs * steps_per_epoch,
+        disable=None if progress else True,
+        unit="batch",
+        leave=False,
+    )
     try:
         for epoch in range(1, epochs + 1):
             model.train()

@@ -785,7 +785,7 @@ def _compute_parts(
     pending_batches = sorted({payload[1] for pid, _, payload in plan.part_ids if pid in todo_set})
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(todo), disable=not progress, unit="part", leave=False)
+    bar = tqdm(total=len(todo), disable=None if progress else True, unit="part", leave=False)
     try:
         with torch.inference_mode():
             for pos, x, y, idx in iter_batches(
