@@ -19,15 +19,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from invariscope.data.batches import iter_batches
 from invariscope.errors import InvariscopeError
 from invariscope.transforms import get_transform
 
@@ -58,57 +59,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise InvariscopeError("--device mps asked for, but MPS is not available; use --device cpu")
     return dev
-
-
-def iter_batches(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(images[B,C,H,W], labels[B], indices[B])`` batches of ``dataset``.
-
-    In-memory datasets (with ``images`` and ``labels`` tensors) are sliced directly;
-    any other dataset goes through a :class:`~torch.utils.data.DataLoader`. The order
-    is the dataset order unless ``shuffle``, which uses ``generator`` (never the
-    global RNG).
-    """
-    n = len(dataset)
-    if n == 0:
-        raise InvariscopeError(
-            "the dataset is empty; check --data (and --images / --classes filters)"
-        )
-    if shuffle:
-        order = torch.randperm(n, generator=generator)
-    else:
-        order = torch.arange(n)
-    images = getattr(dataset, "images", None)
-    labels = getattr(dataset, "labels", None)
-    if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            yield images[idx].float(), labels[idx].long(), idx
-        return
-    loader = DataLoader(
-        _Indexed(dataset), batch_size=batch_size, sampler=order.tolist(), num_workers=0
-    )
-    for x, y, idx in loader:
-        yield x.float(), torch.as_tensor(y).long(), idx
-
-
-class _Indexed(Dataset):
-    """Wrap a dataset so that items carry their index."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        image, label = self.dataset[i][:2]
-        return image, label, i
 
 
 def augment_batch(

@@ -13,15 +13,16 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from invariscope.data.batches import iter_index_batches as iter_batches  # noqa: F401
 from invariscope.errors import InvariscopeError, unknown_name
 
 log = logging.getLogger(__name__)
@@ -189,79 +190,6 @@ def select_indices(
 
 
 # ----------------------------------------------------------------------------- batches
-
-
-class _Indexed(Dataset):
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        image, label = self.dataset[i][:2]
-        return image, int(label), i
-
-
-def _worker_message(err: Exception) -> str:
-    """The original one-line message of an error re-raised from a DataLoader worker."""
-    text = str(err)
-    if "Original Traceback" not in text:
-        return " ".join(text.split())
-    last = [line for line in text.strip().splitlines() if line.strip()][-1]
-    return last.split(": ", 1)[1] if ": " in last else last
-
-
-def _load_error(err: Exception) -> InvariscopeError:
-    message = _worker_message(err)
-    if isinstance(err, RuntimeError) and "stack expects each tensor to be equal size" in message:
-        return InvariscopeError(
-            f"the dataset's images differ in size ({message}); give them one size, e.g. "
-            "resize them or load the folder with image_size=..."
-        )
-    return InvariscopeError(
-        f"could not read an image of the dataset ({type(err).__name__}: {message}); "
-        "fix or remove the file"
-    )
-
-
-def iter_batches(
-    dataset: Dataset, batches: Sequence[np.ndarray], *, num_workers: int = 0
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(batch_number, images[B,C,H,W] float32, labels[B] int64, indices[B] int64)``.
-
-    ``batches`` are lists of dataset indices (the batch number is the position in this
-    list). In-memory datasets (``images`` / ``labels`` tensors) are sliced; others are
-    read through a :class:`~torch.utils.data.DataLoader` with that batch sampler.
-    Unreadable items become an :class:`InvariscopeError`.
-    """
-    images = getattr(dataset, "images", None)
-    labels = getattr(dataset, "labels", None)
-    if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
-        for b, idx in enumerate(batches):
-            t = torch.as_tensor(idx, dtype=torch.int64)
-            yield b, images[t].float(), labels[t].long(), t
-        return
-    loader = DataLoader(
-        _Indexed(dataset),
-        batch_sampler=[list(map(int, idx)) for idx in batches],
-        num_workers=num_workers,
-    )
-    iterator = iter(loader)
-    b = 0
-    while True:
-        try:
-            x, y, i = next(iterator)
-        except StopIteration:
-            return
-        except InvariscopeError as err:
-            if "Original Traceback" in str(err):  # raised in a worker process
-                raise InvariscopeError(_worker_message(err)) from None
-            raise
-        except (OSError, ValueError, RuntimeError, SyntaxError) as err:
-            raise _load_error(err) from err
-        yield b, x.float(), torch.as_tensor(y).long(), torch.as_tensor(i).long()
-        b += 1
 
 
 def check_images(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
