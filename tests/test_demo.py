@@ -1,0 +1,36 @@
+"""The demo: trains once, then reuses the cached model; every stage reports."""
+
+from __future__ import annotations
+
+from invariscope.cli import run
+
+
+def test_demo_trains_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("INVARISCOPE_CACHE", str(tmp_path / "cache"))
+    argv = ["demo", "--out", str(tmp_path / "out"), "--epochs", "1", "--no-progress"]
+    assert run(argv) == 0
+    first = capsys.readouterr().out
+    assert "trained for 1 epochs" in first and "[sweep]" in first
+    cached = list((tmp_path / "cache" / "models").glob("simple-cnn_digits_*.pt"))
+    assert len(cached) == 1
+    assert run(argv) == 0
+    second = capsys.readouterr().out
+    assert "reused from cache" in second
+
+    # the same model gives the same test accuracy and the same sweep summary
+    def stage_lines(text: str, stage: str) -> list[str]:
+        return [line.split(") ", 1)[-1] for line in text.splitlines() if line.startswith(stage)]
+
+    acc = [
+        stage_lines(text, "[train]")[0].rsplit("test accuracy ", 1)[1] for text in (first, second)
+    ]
+    assert acc[0] == acc[1]
+    sweep_lines = [stage_lines(text, "[sweep]") for text in (first, second)]
+    assert sweep_lines[0] == sweep_lines[1]
+    assert (
+        tmp_path / "out" / "sweep" / "screening" / "figures" / "accuracy.png"
+    ).stat().st_size > 10_000
+    # another epoch count is another cache entry, not a wrong reuse
+    assert run(["demo", "--out", str(tmp_path / "out2"), "--epochs", "2", "--no-progress"]) == 0
+    assert "trained for 2 epochs" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache" / "models").glob("*.pt"))) == 2
