@@ -1098,8 +1098,11 @@ def sweep_2d(
 
 
 def _fmt_side(value: float) -> str:
+    """A threshold for the demo summary; NaN (not reached in the swept range) reads 'none'."""
     return (
-        "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
+        "none"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value:g}"
     )
 
 
@@ -1114,15 +1117,16 @@ def demo_sweep(model: nn.Module, dataset: Dataset, out_dir: str | Path) -> str:
     out_dir = Path(out_dir)
     h = int(dataset[0][0].shape[-1])
     shift = 3.0 * h / 28.0
+    ranges = {
+        "rotation": (-180, 180, 20),
+        "translate_x": (-0.4, 0.4, 0.1),
+        "gaussian_noise": (0.0, 1.0, 0.2),
+    }
     screening = sweep(
         model,
         dataset,
-        ["rotation", "translate_x", "gaussian_noise"],
-        {
-            "rotation": (-180, 180, 20),
-            "translate_x": (-0.4, 0.4, 0.1),
-            "gaussian_noise": (0.0, 1.0, 0.2),
-        },
+        list(ranges),
+        ranges,
         out=out_dir / "screening",
         overwrite=True,
         figures=True,
@@ -1146,15 +1150,19 @@ def demo_sweep(model: nn.Module, dataset: Dataset, out_dir: str | Path) -> str:
     th = screening.aggregates["thresholds"]
     overall = th[th["label"] == agg.ALL_CLASSES].set_index("transform")
     units = screening.aggregates["transforms"].set_index("transform")["unit"]
-    parts = [
-        f"{name} {_fmt_side(r.threshold_low)}/{_fmt_side(r.threshold_high)} [{units.get(name, '')}]"
-        for name, r in overall.iterrows()
-    ]
+    identities = screening.aggregates["transforms"].set_index("transform")["identity"]
+    parts = []
+    for name, r in overall.iterrows():
+        sides = [_fmt_side(r.threshold_low), _fmt_side(r.threshold_high)]
+        if ranges[name][0] >= identities.get(name, ranges[name][0]):  # nothing below identity
+            sides = [sides[1]]
+        parts.append(f"{name} {'/'.join(sides)} [{units.get(name, '')}]")
     wc = spatial.summary.get("worst_case", {})
     figures = len(screening.figures + spatial.figures) // 2
     return (
         f"{screening.summary['num_images']} images, identity accuracy "
-        f"{screening.summary['identity_accuracy']:.3f}; accuracy halves at (low/high) "
+        f"{screening.summary['identity_accuracy']:.3f}; accuracy halves at (low/high; "
+        "none = not within the swept range) "
         + "; ".join(parts)
         + f".\nWorst case on {spatial.summary['num_images']} images (+-30 deg, +-{shift:g} px): "
         f"natural {wc.get('natural', 0):.3f}, random {wc.get('random', 0):.3f}, worst-of-10 "
