@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +31,22 @@ def trained_digits(digits_data):
 def rng():
     """A seeded torch generator for test inputs."""
     return torch.Generator().manual_seed(1234)
+
+
+class Tiny(nn.Module):
+    """A small, fast, input-dependent classifier for 1x28x28 images with fixed random weights.
+
+    Shared by the sweep tests (import it with ``from conftest import Tiny``).
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = nn.Conv2d(1, 4, 5, stride=2)
+        self.fc = nn.Linear(4 * 12 * 12, num_classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import Tiny
 from torch import nn
 
 from invariscope.errors import InvariscopeError
@@ -21,22 +22,6 @@ from invariscope.measure import aggregate as agg
 from invariscope.measure._sweep_core import uniform_per_image
 from invariscope.measure.sweep import AGGREGATE_TABLES, PART_TABLES, resolve_magnitudes, sweep
 from invariscope.measure.worst_case import SpatialBudget
-
-
-class Tiny(nn.Module):
-    """A small, fast, input-dependent classifier for 1x28x28 images (random weights)."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.conv = nn.Conv2d(1, 4, 5, stride=2)
-        self.fc = nn.Linear(4 * 12 * 12, num_classes)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
 class Constant(nn.Module):
