@@ -50,3 +50,11 @@ class Tiny(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def one_line_error(capsys) -> str:
+    """The CLI's stderr, checked to be ONE line ``invariscope: error: ...`` with no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("invariscope: error: "), err
+    assert "\n" not in err and "Traceback" not in err
+    return err

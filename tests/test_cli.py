@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import one_line_error
 
 from invariscope.cli import run
 from invariscope.cli._app import _load_commands, cli
@@ -25,13 +26,6 @@ def test_every_command_has_help_with_example(command, capsys):
     out = capsys.readouterr().out
     assert "Example:" in out
     assert f"invariscope {command}" in out
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("invariscope: error: "), err
-    assert "\n" not in err and "Traceback" not in err
-    return err
 
 
 @pytest.mark.parametrize(
@@ -56,7 +50,7 @@ def _one_line_error(capsys) -> str:
 def test_bad_input_is_one_line_exit_2(argv, fragment, capsys, tmp_path):
     out = tmp_path / "m.pt"
     assert run([*argv, "--out", str(out)] if argv[0] == "train" else argv) == 2
-    assert fragment in _one_line_error(capsys)
+    assert fragment in one_line_error(capsys)
     assert not out.exists()
 
 

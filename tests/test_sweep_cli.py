@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import one_line_error
 from PIL import Image
 
 from invariscope.cli import run
@@ -97,13 +98,6 @@ def test_cli_sweep_writes_tables_and_figures(cli_run, capsys):
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("invariscope: error: "), err
-    assert "\n" not in err and "Traceback" not in err
-    return err
-
-
 @pytest.mark.parametrize(
     "extra, fragment",
     [
@@ -134,7 +128,7 @@ def test_cli_errors_exit_2_with_one_line(extra, fragment, checkpoint, tmp_path, 
         *extra,
     ]
     assert run(argv) == 2
-    assert fragment in _one_line_error(capsys)
+    assert fragment in one_line_error(capsys)
     assert not (out / "aggregates").exists()
 
 
@@ -157,7 +151,7 @@ def test_cli_model_with_wrong_class_count(tmp_path, capsys):
         "--no-progress",
     ]
     assert run(argv) == 2
-    assert "5 classes but the dataset has 10" in _one_line_error(capsys)
+    assert "5 classes but the dataset has 10" in one_line_error(capsys)
     assert not (out / "aggregates").exists()
 
 

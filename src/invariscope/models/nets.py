@@ -182,10 +182,8 @@ class SmallResNet(nn.Sequential):
 _MEAN_STD = 0.5  # see the module docstring
 
 
-@register_model("simple-cnn", image_sizes=(28, 60, 112))
-def simple_cnn(in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> Classifier:
-    """Finnveden et al.'s MNIST CNN: conv9x9(64)-pool-relu-conv7x7(64)-pool-relu-linear."""
-    net = SimpleCNN(in_channels, image_size, num_classes)
+def _wrap(net: nn.Module, in_channels: int, image_size: int, num_classes: int) -> Classifier:
+    """A built-in net in its Classifier: square input, mean/std 0.5 per channel."""
     return Classifier(
         net,
         input_size=(in_channels, image_size, image_size),
@@ -193,6 +191,13 @@ def simple_cnn(in_channels: int = 1, image_size: int = 28, num_classes: int = 10
         std=_MEAN_STD,
         num_classes=num_classes,
     )
+
+
+@register_model("simple-cnn", image_sizes=(28, 60, 112))
+def simple_cnn(in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> Classifier:
+    """Finnveden et al.'s MNIST CNN: conv9x9(64)-pool-relu-conv7x7(64)-pool-relu-linear."""
+    net = SimpleCNN(in_channels, image_size, num_classes)
+    return _wrap(net, in_channels, image_size, num_classes)
 
 
 @register_model("small-vgg", image_sizes=(32, 64))
@@ -201,13 +206,7 @@ def small_vgg(
 ) -> Classifier:
     """Small VGG (3 stages of 2 conv3x3-BN-ReLU + max pool, global average pool, linear)."""
     net = SmallVGG(in_channels, image_size, num_classes, width)
-    return Classifier(
-        net,
-        input_size=(in_channels, image_size, image_size),
-        mean=_MEAN_STD,
-        std=_MEAN_STD,
-        num_classes=num_classes,
-    )
+    return _wrap(net, in_channels, image_size, num_classes)
 
 
 @register_model("small-resnet", image_sizes=(32, 64))
@@ -220,10 +219,4 @@ def small_resnet(
 ) -> Classifier:
     """Small ResNet (conv3x3 stem, 3 stages of basic blocks, global average pool, linear)."""
     net = SmallResNet(in_channels, image_size, num_classes, width, blocks)
-    return Classifier(
-        net,
-        input_size=(in_channels, image_size, image_size),
-        mean=_MEAN_STD,
-        std=_MEAN_STD,
-        num_classes=num_classes,
-    )
+    return _wrap(net, in_channels, image_size, num_classes)
