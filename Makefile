@@ -4,15 +4,30 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test demo lint format bench clean
+.PHONY: test browser demo lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
+
+# The report's browser test (tests/test_report_browser.py) drives Debian's chromium
+# through chromedriver. Installed here when missing and we are root; otherwise make
+# carries on and the test skips (CI sets INVARISCOPE_REQUIRE_BROWSER=1: it fails there).
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium and chromium-driver for the browser test"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+	    || echo "could not install chromium: the browser test will skip (fail in CI)"; \
+	else \
+	  echo "chromium or chromedriver missing (apt-get install chromium chromium-driver as root): the browser test will skip"; \
+	fi
 
 demo: $(STAMP)
 	$(VENV)/bin/invariscope demo

@@ -252,3 +252,223 @@ def test_worst_case_summary():
     assert overall.to_dict() == {"natural": 0.75, "random": 0.5, "worst_of_k": 0.25, "grid": 0.0}
     class0 = summary[summary["label"] == 0].set_index("setting")["accuracy"]
     assert class0["worst_of_k"] == 0.5
+
+
+# ------------------------------------------------------------------- Wilson intervals
+
+Z95 = 1.959963984540054  # standard normal quantile at 0.975, typed in (not from scipy)
+
+
+def _wilson_by_hand(k: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval written out from its textbook formula."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+def test_wilson_interval_by_hand():
+    # k = 5, n = 10: p = 0.5, z^2 = 3.8415; centre = (0.5 + 0.19207) / 1.38415 = 0.5;
+    # half = 1.95996 / 1.38415 * sqrt(0.025 + 0.0096036) = 1.41601 * 0.18602 = 0.26341
+    low, high = agg.wilson_interval(5, 10)
+    assert (float(low), float(high)) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert (float(low), float(high)) == pytest.approx(_wilson_by_hand(5, 10), abs=1e-12)
+    # k = 0: low = 0 exactly, high = z^2 / (n + z^2) = 3.8415 / 13.8415 = 0.27753
+    low, high = agg.wilson_interval(0, 10)
+    assert float(low) == 0.0
+    assert float(high) == pytest.approx(Z95**2 / (10 + Z95**2), abs=1e-12)
+    assert float(high) == pytest.approx(0.2775, abs=1e-4)
+    # k = n: the mirror image, high = 1 exactly, low = n / (n + z^2) = 0.72247
+    low, high = agg.wilson_interval(10, 10)
+    assert float(high) == 1.0
+    assert float(low) == pytest.approx(10 / (10 + Z95**2), abs=1e-12)
+    # another confidence: z = 1.644854 at 90%
+    low, high = agg.wilson_interval(3, 20, confidence=0.90)
+    assert (float(low), float(high)) == pytest.approx(
+        _wilson_by_hand(3, 20, z=1.6448536269514722), abs=1e-12
+    )
+
+
+def test_wilson_interval_vectorised_and_empty():
+    k = np.array([[0, 1, 2], [3, 0, 7]])
+    n = np.array([[0, 4, 9], [3, 5, 100]])
+    low, high = agg.wilson_interval(k, n)
+    assert low.shape == high.shape == (2, 3)
+    assert math.isnan(low[0, 0]) and math.isnan(high[0, 0])  # n == 0
+    for (i, j), kk in np.ndenumerate(k):
+        if n[i, j]:
+            assert (low[i, j], high[i, j]) == pytest.approx(_wilson_by_hand(kk, n[i, j]), abs=1e-12)
+    with pytest.raises(InvariscopeError):
+        agg.wilson_interval(3, 2)
+    with pytest.raises(InvariscopeError):
+        agg.wilson_interval(1, 2, confidence=1.0)
+
+
+def test_wilson_interval_properties():
+    n = np.arange(1, 201)
+    for frac in (0.0, 0.1, 0.5, 0.93, 1.0):
+        k = np.round(frac * n)
+        low, high = agg.wilson_interval(k, n)
+        p = k / n
+        assert np.all(low <= p) and np.all(p <= high)
+        assert np.all(low >= 0.0) and np.all(high <= 1.0)
+        assert np.all(high - low > 0)
+    # the same proportion with ten times the images: a narrower interval
+    for k, n in ((1, 4), (5, 10), (7, 10), (0, 3), (9, 9)):
+        width = np.subtract(*agg.wilson_interval(k, n)[::-1])
+        width10 = np.subtract(*agg.wilson_interval(10 * k, 10 * n)[::-1])
+        assert width10 < width
+    # higher confidence: a wider interval
+    lo90, hi90 = agg.wilson_interval(4, 10, confidence=0.90)
+    lo99, hi99 = agg.wilson_interval(4, 10, confidence=0.99)
+    assert lo99 < lo90 and hi99 > hi90
+
+
+def _after(columns: list[str], rate: str) -> None:
+    at = columns.index(rate)
+    assert columns[at + 1 : at + 3] == [f"{rate}_low", f"{rate}_high"], columns
+
+
+def test_accuracy_tables_carry_intervals():
+    rec = _records(PREDS, LABELS)
+    overall = agg.accuracy_curve(rec)
+    assert list(overall.columns) == [
+        "transform",
+        "magnitude",
+        "n",
+        "accuracy",
+        "accuracy_low",
+        "accuracy_high",
+        "mean_p_true",
+    ]
+    # magnitude 0: 5 of 6 correct
+    row = overall.set_index("magnitude").loc[0.0]
+    assert (row["accuracy_low"], row["accuracy_high"]) == pytest.approx(
+        _wilson_by_hand(5, 6), abs=1e-12
+    )
+    per_class = agg.class_accuracy_curve(rec)
+    assert list(per_class.columns) == [
+        "transform",
+        "magnitude",
+        "label",
+        "n",
+        "accuracy",
+        "accuracy_low",
+        "accuracy_high",
+        "mean_p_true",
+    ]
+    # class 1 at magnitude 0: 2 of 2 -> high is 1, low = 2 / (2 + z^2)
+    row = per_class.set_index(["label", "magnitude"]).loc[(1, 0.0)]
+    assert row["accuracy_high"] == 1.0
+    assert row["accuracy_low"] == pytest.approx(2 / (2 + Z95**2), abs=1e-12)
+    assert (per_class["accuracy_low"] <= per_class["accuracy"]).all()
+    assert (per_class["accuracy"] <= per_class["accuracy_high"]).all()
+    # thresholds: the identity accuracy gets its interval too; old columns keep their order
+    th = agg.thresholds(per_class, identities={"rot": 0.0})
+    assert list(th.columns) == [
+        "transform",
+        "label",
+        "n",
+        "identity",
+        "identity_accuracy",
+        "identity_accuracy_low",
+        "identity_accuracy_high",
+        "threshold_low",
+        "threshold_high",
+    ]
+    row = th.set_index("label").loc[0]  # class 0 at the identity: 3 of 4
+    assert (row["identity_accuracy_low"], row["identity_accuracy_high"]) == pytest.approx(
+        _wilson_by_hand(3, 4), abs=1e-12
+    )
+
+
+def test_two_parameter_tables_carry_intervals():
+    rows = [
+        {
+            "transform_a": "tx",
+            "magnitude_a": 0.0,
+            "transform_b": "ty",
+            "magnitude_b": 0.0,
+            "index": i,
+            "label": i % 2,
+            "correct": i != 0,
+            "p_true": 0.5,
+        }
+        for i in range(4)
+    ]
+    acc = agg.accuracy_curve(pd.DataFrame(rows), keys=agg.KEYS_2D)
+    _after(list(acc.columns), "accuracy")
+    assert (acc.loc[0, "accuracy_low"], acc.loc[0, "accuracy_high"]) == pytest.approx(
+        _wilson_by_hand(3, 4), abs=1e-12
+    )
+    per = agg.class_accuracy_curve(pd.DataFrame(rows), keys=agg.KEYS_2D)
+    _after(list(per.columns), "accuracy")
+    per = per.set_index("label")
+    # class 0 (images 0, 2): 1 of 2 -> (0.0945, 0.9055); class 1: 2 of 2 -> (0.3424, 1)
+    assert (per.loc[0, "accuracy_low"], per.loc[0, "accuracy_high"]) == pytest.approx(
+        (0.0945, 0.9055), abs=1e-4
+    )
+    assert per.loc[1, "accuracy_high"] == 1.0
+    assert per.loc[1, "accuracy_low"] == pytest.approx(2 / (2 + Z95**2), abs=1e-12)
+
+
+def test_breaking_summary_carries_intervals():
+    br = agg.breaking_magnitudes(_records(PREDS, LABELS), identities={"rot": 0.0})
+    summary = agg.breaking_summary(br)
+    assert list(summary.columns) == [
+        "transform",
+        "label",
+        "n",
+        "broken_low",
+        "broken_low_low",
+        "broken_low_high",
+        "broken_high",
+        "broken_high_low",
+        "broken_high_high",
+        "median_break_low",
+        "median_break_high",
+    ]
+    s = summary.set_index("label")
+    # class 0: low side 3 of 4 broken, high side 2 of 4; all: low 4 of 6, high 3 of 6
+    for label, side, k, n in (
+        (0, "low", 3, 4),
+        (0, "high", 2, 4),
+        (-1, "low", 4, 6),
+        (-1, "high", 3, 6),
+    ):
+        got = (s.loc[label, f"broken_{side}_low"], s.loc[label, f"broken_{side}_high"])
+        assert got == pytest.approx(_wilson_by_hand(k, n), abs=1e-12), (label, side)
+
+
+def test_worst_case_summary_carries_intervals():
+    table = pd.DataFrame(
+        {
+            "label": [0, 0, 1, 1],
+            "natural_correct": [True, True, True, False],
+            "random_correct": [True, True, False, False],
+            "worst_of_k_correct": [True, False, False, False],
+            "grid_correct": [False, False, False, False],
+        }
+    )
+    summary = agg.worst_case_summary(table)
+    assert list(summary.columns) == [
+        "label",
+        "setting",
+        "n",
+        "accuracy",
+        "accuracy_low",
+        "accuracy_high",
+    ]
+    overall = summary[summary["label"] == agg.ALL_CLASSES].set_index("setting")
+    assert (overall.loc["natural", "accuracy_low"], overall.loc["natural", "accuracy_high"]) == (
+        pytest.approx(_wilson_by_hand(3, 4), abs=1e-12)
+    )
+    assert overall.loc["grid", "accuracy_low"] == 0.0
+    assert overall.loc["grid", "accuracy_high"] == pytest.approx(Z95**2 / (4 + Z95**2))
+
+
+def test_module_doctests():
+    import doctest
+
+    result = doctest.testmod(agg)
+    assert result.attempted > 0 and result.failed == 0

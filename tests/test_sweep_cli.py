@@ -156,7 +156,7 @@ def test_cli_model_with_wrong_class_count(tmp_path, capsys):
 
 
 def test_demo_sweep_stage(trained_digits, tmp_path):
-    from invariscope.measure.sweep import demo_sweep
+    from invariscope.demo import demo_sweep
 
     model, _, test_set, _ = trained_digits
     summary = demo_sweep(model, test_set, tmp_path / "sweep")

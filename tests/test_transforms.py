@@ -617,3 +617,91 @@ def test_grid_is_tidy_and_feeds_compose():
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module("invariscope.transforms" + module))
     assert result.failed == 0 and result.attempted > 0
+
+
+# ------------------------------------------------------- padding conventions (README)
+def test_blur_reflect_mirrors_about_the_edge_pixel():
+    # a ramp 0, 1, 2, ... along x: the padded values decide the result next to the border
+    ramp = torch.arange(12.0, dtype=torch.float64).view(1, 1, 1, 12).expand(1, 1, 9, 12) / 11
+    row = ramp[0, 0, 4].numpy()
+    got = gaussian_blur(ramp, 1.5, clamp=False)[0, 0, 4].numpy()
+    # scipy's "mirror" extends 0 1 2 ... as ... 2 1 | 0 1 2 (edge pixel not repeated) ...
+    mirror = ndimage.gaussian_filter1d(row, 1.5, mode="mirror", truncate=4.0)
+    np.testing.assert_allclose(got, mirror, atol=1e-12)
+    # ... not as scipy's "reflect" (... 1 0 | 0 1 2, edge pixel repeated), which differs by
+    # more than 0.01 at the first pixel
+    reflect = ndimage.gaussian_filter1d(row, 1.5, mode="reflect", truncate=4.0)
+    assert abs(got[0] - reflect[0]) > 0.01
+    # by hand at the first pixel with sigma small enough for a 3-tap kernel (radius 1):
+    # mirror pads x[-1] = x[1], so out[0] = w0 x[0] + 2 w1 x[1]
+    w = np.exp(-0.5 * np.arange(-1, 2) ** 2 / 0.25**2)
+    w /= w.sum()
+    first = gaussian_blur(ramp, 0.25, clamp=False)[0, 0, 4, 0].item()
+    assert first == pytest.approx(w[1] * row[0] + 2 * w[0] * row[1], abs=1e-12)
+
+
+@pytest.mark.parametrize("pixels", [1.5, -2.3, 0.4, 3.7])
+def test_warp_reflection_mirrors_about_the_pixel_edge(pixels):
+    W, H = 10, 7
+    x = torch.rand(1, 1, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = translate_x(x, pixels / W, padding_mode="reflection")[0, 0].numpy()
+    # scipy's "reflect" (pixel -1 reads pixel 0: the edge pixel is repeated), exactly
+    want = ndimage.shift(x[0, 0].numpy(), (0, pixels), order=1, mode="reflect")
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    other = ndimage.shift(x[0, 0].numpy(), (0, pixels), order=1, mode="mirror")
+    assert np.abs(got - other).max() > 0.05
+    got_y = translate_y(x, pixels / H, padding_mode="reflection")[0, 0].numpy()
+    want_y = ndimage.shift(x[0, 0].numpy(), (pixels, 0), order=1, mode="reflect")
+    np.testing.assert_allclose(got_y, want_y, atol=1e-12)
+
+
+def test_warp_reflection_by_hand_at_a_half_pixel_shift():
+    # columns 1..6 moved 1.5 px right: output pixel 0 reads x = -1.5, mirrored about the
+    # edge at -0.5 to 0.5, halfway between pixels 0 and 1 -> (1 + 2) / 2; pixel 1 reads
+    # -0.5, the edge itself -> pixel 0's value 1
+    x = torch.arange(1.0, 7.0).view(1, 1, 1, 6).expand(1, 1, 3, 6)
+    out = translate_x(x, 1.5 / 6, padding_mode="reflection")[0, 0, 1]
+    torch.testing.assert_close(out, torch.tensor([1.5, 1.0, 1.5, 2.5, 3.5, 4.5]))
+
+
+def test_grayscale_uses_bt601_weights():
+    x = torch.eye(3).view(3, 3, 1, 1)  # pure red, green, blue
+    grey = grayscale(x, 1.0)[:, 0, 0, 0]
+    torch.testing.assert_close(grey, torch.tensor([0.299, 0.587, 0.114]))
+
+
+# ------------------------------------------------------------- compose and rot90 shapes
+def test_compose_refuses_odd_rot90_on_non_square_images():
+    wide = torch.rand(2, 1, 48, 64)
+    message = r"rot90 \(step 0\): odd k needs square images, got 48x64"
+    with pytest.raises(InvariscopeError, match=message):
+        compose(wide, [("rot90", 1), ("translate_x", 0.1)])  # would be fused into one warp
+    with pytest.raises(InvariscopeError, match=message):
+        compose(wide, [("rot90", 3)])
+    with pytest.raises(InvariscopeError, match=r"rot90 \(step 1\): odd k needs square images"):
+        compose(wide, [("zoom", 1.2), ("rot90", torch.tensor([2, 1])), ("rotation", 5.0)])
+    with pytest.raises(InvariscopeError, match="rot90: odd k needs square images, got 48x64"):
+        apply("rot90", wide, 1)
+    with pytest.raises(InvariscopeError, match="odd k needs square images"):
+        Compose([("rot90", 1), ("translate_x", 0.1)])(wide)
+    # the message is one line
+    with pytest.raises(InvariscopeError) as info:
+        compose(wide, [("rot90", 1), ("translate_x", 0.1)])
+    assert "\n" not in str(info.value)
+
+
+def test_compose_rot90_on_square_or_with_even_k_still_works():
+    square = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(11))
+    fused = compose(square, [("rot90", 1), ("translate_x", 2 / 16)])
+    # one exact warp: the quarter turn, then two pixels right
+    expected = translate_x(torch.rot90(square, 1, dims=(-2, -1)), 2 / 16)
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=0)
+    wide = torch.rand(2, 1, 6, 10, generator=torch.Generator().manual_seed(12))
+    torch.testing.assert_close(
+        compose(wide, [("rot90", 2), ("translate_x", 0.0)]),
+        torch.rot90(wide, 2, dims=(-2, -1)),
+        atol=1e-5,
+        rtol=0,
+    )
+    assert torch.equal(compose(wide, [("rot90", 2)]), torch.rot90(wide, 2, dims=(-2, -1)))
+    assert torch.equal(compose(wide, [("rot90", 0), ("hflip", 1)]), torch.flip(wide, (-1,)))

@@ -1,9 +1,9 @@
 """The end-to-end demo: train (or reuse) the default model, then run each capability's stage.
 
-Each capability adds a *stage*: a function ``stage(ctx: DemoContext) -> str`` that
-measures something on the demo model and returns a short summary (one or a few lines).
-Stages are listed in :data:`STAGES` in the order they run; a stage whose optional
-module is not there yet is skipped with a note, never silently.
+Each registered analysis (:mod:`invariscope.engine.registry`) may name a demo *stage*:
+a function ``stage(ctx: DemoContext) -> str`` that measures something on the demo model
+and returns a short summary (one or a few lines). Stages run in registration order; the
+demo ends by writing the HTML report of every run and printing its path.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -109,16 +110,118 @@ def train_or_load(
     return model, train_set, test_set, result.test_accuracy, False
 
 
-def _sweep_stage(ctx: DemoContext) -> str:
-    from invariscope.measure.sweep import demo_sweep
+def _fmt_side(value: float) -> str:
+    """A threshold for the demo summary; NaN (not reached in the swept range) reads 'none'."""
+    return (
+        "none"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value:g}"
+    )
 
+
+def demo_sweep(model: nn.Module, dataset: Dataset, out_dir: str | Path) -> str:
+    """The sweep stage of ``invariscope demo``: a short screening with figures (~10 s on 2 cores).
+
+    Two runs under ``out_dir``: ``screening/`` sweeps rotation, horizontal translation
+    and Gaussian noise on the whole dataset; ``spatial/`` runs a translate_x x
+    translate_y grid and the worst-case rotation x translation search (+-30 deg, +-3 px
+    scaled to the image size, grid 7x3x3, k=10) on 100 images. Returns a short summary.
+    """
+    from invariscope.measure import aggregate as agg
+    from invariscope.measure.sweep import sweep
+    from invariscope.measure.worst_case import SpatialBudget
+
+    out_dir = Path(out_dir)
+    h = int(dataset[0][0].shape[-1])
+    shift = 3.0 * h / 28.0
+    ranges = {
+        "rotation": (-180, 180, 20),
+        "translate_x": (-0.4, 0.4, 0.1),
+        "gaussian_noise": (0.0, 1.0, 0.2),
+    }
+    screening = sweep(
+        model,
+        dataset,
+        list(ranges),
+        ranges,
+        out=out_dir / "screening",
+        overwrite=True,
+        figures=True,
+        rank=0,
+        world_size=1,
+    )
+    spatial = sweep(
+        model,
+        dataset,
+        [],
+        {"translate_x": (-0.3, 0.3, 0.075), "translate_y": (-0.3, 0.3, 0.075)},
+        pairs=[("translate_x", "translate_y")],
+        worst_case=SpatialBudget(max_angle=30.0, max_shift=shift, angles=7, shifts=3, k=10),
+        images=min(100, len(dataset)),
+        out=out_dir / "spatial",
+        overwrite=True,
+        figures=True,
+        rank=0,
+        world_size=1,
+    )
+    th = screening.aggregates["thresholds"]
+    overall = th[th["label"] == agg.ALL_CLASSES].set_index("transform")
+    units = screening.aggregates["transforms"].set_index("transform")["unit"]
+    identities = screening.aggregates["transforms"].set_index("transform")["identity"]
+    parts = []
+    for name, r in overall.iterrows():
+        sides = [_fmt_side(r.threshold_low), _fmt_side(r.threshold_high)]
+        if ranges[name][0] >= identities.get(name, ranges[name][0]):  # nothing below identity
+            sides = [sides[1]]
+        parts.append(f"{name} {'/'.join(sides)} [{units.get(name, '')}]")
+    wc = spatial.summary.get("worst_case", {})
+    figures = len(screening.figures + spatial.figures) // 2
+    return (
+        f"{screening.summary['num_images']} images, identity accuracy "
+        f"{screening.summary['identity_accuracy']:.3f}; accuracy halves at (low/high; "
+        "none = not within the swept range) "
+        + "; ".join(parts)
+        + f".\nWorst case on {spatial.summary['num_images']} images (+-30 deg, +-{shift:g} px): "
+        f"natural {wc.get('natural', 0):.3f}, random {wc.get('random', 0):.3f}, worst-of-10 "
+        f"{wc.get('worst_of_k', 0):.3f}, grid {wc.get('grid', 0):.3f}; {figures} figures in "
+        f"{out_dir}/*/figures"
+    )
+
+
+def sweep_stage(ctx: DemoContext) -> str:
+    """Demo stage of the ``sweep`` analysis: :func:`demo_sweep` into ``out/sweep``."""
     return demo_sweep(ctx.model, ctx.test_set, ctx.out_dir / "sweep")
 
 
-# (name, stage) in the order they run; later capabilities append theirs.
-STAGES: list[tuple[str, Callable[[DemoContext], str]]] = [
-    ("sweep", _sweep_stage),
-]
+def worst_case_stage(ctx: DemoContext) -> str:
+    """Demo stage of the ``worst_case`` analysis: Engstrom et al.'s grid (31 angles x 5 x 5
+    shifts, k = 10) within +-30 deg and +-3 px (for 28 px) on 60 test images."""
+    from invariscope.measure.worst_case import SpatialBudget, worst_case_spatial
+
+    h = int(ctx.test_set[0][0].shape[-1])
+    budget = SpatialBudget(max_angle=30.0, max_shift=3.0 * h / 28.0)
+    res = worst_case_spatial(
+        ctx.model,
+        ctx.test_set,
+        budget,
+        images=min(60, len(ctx.test_set)),
+        out=ctx.out_dir / "worst_case",
+        overwrite=True,
+        figures=True,
+        rank=0,
+        world_size=1,
+    )
+    acc = res.summary[res.summary["label"] == -1].set_index("setting")["accuracy"]
+    return f"{budget.describe()} on {int(res.per_image.shape[0])} images: " + ", ".join(
+        f"{k.replace('_', '-')} {acc[k]:.3f}" for k in acc.index
+    )
+
+
+def demo_stages() -> list[tuple[str, Callable[[DemoContext], str]]]:
+    """``(analysis name, stage)`` of every registered analysis that has a demo stage."""
+    from invariscope.engine.registry import list_analyses, load_hook
+
+    return [(e.name, load_hook(e.demo)) for e in list_analyses() if e.demo]
 
 
 def run_demo(
@@ -153,17 +256,17 @@ def run_demo(
         f"images), {how} in {time.perf_counter() - t0:.1f} s: test accuracy {acc:.4f}"
     )
     ctx = DemoContext(model, train_set, test_set, out, torch.device(device), acc)
-    for name, stage in STAGES:
+    for name, stage in demo_stages():
         if stages is not None and name not in stages:
             continue
         t1 = time.perf_counter()
-        try:
-            summary = stage(ctx)
-        except ModuleNotFoundError as err:
-            if not (err.name or "").startswith("invariscope"):
-                raise
-            echo(f"[{name}] skipped: {err.name} is not built yet")
-            continue
+        summary = stage(ctx)
         echo(f"[{name}] ({time.perf_counter() - t1:.1f} s) {summary}")
+    runs = sorted(p.parent for p in out.glob("**/config.json") if p.parent.parent != out / "report")
+    if runs:
+        from invariscope.report import build_report
+
+        index = build_report(runs, out / "report")
+        echo(f"[report] {len(runs)} runs: open {index}")
     echo(f"outputs in {out}/")
     return ctx

@@ -11,7 +11,7 @@ import click
 from invariscope.errors import InvariscopeError
 
 # Sub-command modules; each defines commands decorated with ``@cli.command``.
-COMMAND_MODULES = ("listing", "train", "demo", "sweep")
+COMMAND_MODULES = ("listing", "train", "demo", "sweep", "render", "report")
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

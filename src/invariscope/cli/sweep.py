@@ -8,16 +8,16 @@ from pathlib import Path
 import click
 
 from invariscope.cli._app import cli
+from invariscope.cli._engine import engine_options, pop_common, run_analysis_command, split_list
 
 
-def _split_list(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
-
-
-def _budget(angle: float, shift: float, grid: str, k: int):
+def budget_from_options(kwargs: dict):
+    """The :class:`SpatialBudget` of the ``--wc-*`` options (removed from ``kwargs``)."""
     from invariscope.errors import InvariscopeError
     from invariscope.measure.worst_case import SpatialBudget
 
+    angle, shift = kwargs.pop("wc_angle"), kwargs.pop("wc_shift")
+    grid, k = kwargs.pop("wc_grid"), kwargs.pop("wc_k")
     parts = grid.lower().split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise InvariscopeError(
@@ -28,26 +28,44 @@ def _budget(angle: float, shift: float, grid: str, k: int):
     )
 
 
+def worst_case_options(command):
+    """The ``--wc-*`` options of the worst-case budget (shared with ``worst-case``)."""
+    options = [
+        click.option(
+            "--wc-angle",
+            default=30.0,
+            show_default=True,
+            type=float,
+            help="Worst-case budget: largest rotation (degrees).",
+        ),
+        click.option(
+            "--wc-shift",
+            default=3.0,
+            show_default=True,
+            type=float,
+            help="Worst-case budget: largest translation per axis (pixels).",
+        ),
+        click.option(
+            "--wc-grid",
+            default="31x5",
+            show_default=True,
+            metavar="ANGLESxSHIFTS",
+            help="Worst-case grid: number of angles x number of shifts per axis.",
+        ),
+        click.option(
+            "--wc-k",
+            default=10,
+            show_default=True,
+            type=int,
+            help="Worst-case: number of random draws for worst-of-k.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command("sweep")
-@click.option(
-    "--model",
-    "model_spec",
-    required=True,
-    help="Checkpoint path, registered name, package.module:factory, torchvision:NAME or timm:NAME.",
-)
-@click.option(
-    "--weights",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Weights file for a registry name, module:factory, torchvision or timm model.",
-)
-@click.option(
-    "--data",
-    "data_spec",
-    required=True,
-    help="Dataset name or path (see 'invariscope datasets'); its test split is used.",
-)
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
 @click.option(
     "--transforms",
     "transform_list",
@@ -77,46 +95,7 @@ def _budget(angle: float, shift: float, grid: str, k: int):
     is_flag=True,
     help="Worst-case rotation x translation search (Engstrom et al. 2019).",
 )
-@click.option(
-    "--wc-angle",
-    default=30.0,
-    show_default=True,
-    type=float,
-    help="Worst-case budget: largest rotation (degrees).",
-)
-@click.option(
-    "--wc-shift",
-    default=3.0,
-    show_default=True,
-    type=float,
-    help="Worst-case budget: largest translation per axis (pixels).",
-)
-@click.option(
-    "--wc-grid",
-    default="31x5",
-    show_default=True,
-    metavar="ANGLESxSHIFTS",
-    help="Worst-case grid: number of angles x number of shifts per axis.",
-)
-@click.option(
-    "--wc-k",
-    default=10,
-    show_default=True,
-    type=int,
-    help="Worst-case: number of random draws for worst-of-k.",
-)
-@click.option(
-    "--images",
-    default=None,
-    type=int,
-    help="Measure a seeded random subset of N images (default: all).",
-)
-@click.option(
-    "--classes",
-    default=None,
-    metavar="C1,C2,...",
-    help="Only images of these classes (names or indices).",
-)
+@worst_case_options
 @click.option(
     "--threshold",
     default=0.5,
@@ -124,78 +103,8 @@ def _budget(angle: float, shift: float, grid: str, k: int):
     type=float,
     help="A threshold is where class accuracy drops below this fraction of its identity accuracy.",
 )
-@click.option(
-    "--batch-size",
-    default=128,
-    show_default=True,
-    type=int,
-    help="Images per part (the unit of resumption).",
-)
-@click.option(
-    "--forward-batch",
-    default=None,
-    type=int,
-    help="Most images per forward pass (several magnitudes of a batch are stacked) "
-    "[default: 256 on cpu, 1024 on cuda].",
-)
-@click.option(
-    "--seed",
-    default=0,
-    show_default=True,
-    type=int,
-    help="Seeds the image subset, the noise and the worst-case draws.",
-)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps.")
-@click.option(
-    "--workers",
-    default=0,
-    show_default=True,
-    type=int,
-    help="DataLoader worker processes for datasets read from files.",
-)
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Run directory (resumed if it holds the same configuration).",
-)
-@click.option("--overwrite", is_flag=True, help="Discard the results already in --out.")
-@click.option(
-    "--timeout",
-    default=1800.0,
-    show_default=True,
-    type=float,
-    help="Distributed runs (torchrun): seconds a rank waits for the others.",
-)
-@click.option("--no-figures", is_flag=True, help="Write tables only.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def sweep_cmd(
-    model_spec,
-    weights,
-    data_spec,
-    split,
-    transform_list,
-    ranges,
-    pairs,
-    worst_case,
-    wc_angle,
-    wc_shift,
-    wc_grid,
-    wc_k,
-    images,
-    classes,
-    threshold,
-    batch_size,
-    forward_batch,
-    seed,
-    device,
-    workers,
-    out,
-    overwrite,
-    timeout,
-    no_figures,
-    no_progress,
-) -> None:
+@engine_options
+def sweep_cmd(transform_list, ranges, pairs, worst_case, threshold, **kwargs) -> None:
     """Sweep transformations over their magnitudes and summarise how predictions change.
 
     Writes to --out: per-image records (label, prediction, p(true class), top-5) as
@@ -214,68 +123,30 @@ def sweep_cmd(
       invariscope sweep --model model.pt --data digits --pair translate_x,translate_y --worst-case --images 200 --out runs/grid
       torchrun --nproc_per_node 2 -m invariscope sweep --model model.pt --data digits --transforms rotation --out runs/dist
     """
-    from invariscope.data import create_dataset
     from invariscope.errors import InvariscopeError
-    from invariscope.measure._sweep_core import init_distributed, rank_device
-    from invariscope.measure.sweep import sweep
-    from invariscope.models import load_model
-    from invariscope.runs.store import rank_from_env
-    from invariscope.train import resolve_device
+    from invariscope.measure.sweep import SweepAnalysis
     from invariscope.transforms import parse_range
 
-    names = _split_list(transform_list)
+    common = pop_common(kwargs)
+    names = split_list(transform_list)
     magnitudes: dict[str, tuple[float, float, float]] = {}
     for item in ranges:
         name, start, stop, step = parse_range(item)
         if name in magnitudes:
             raise InvariscopeError(f"--range for '{name}' is given twice; give it once")
         magnitudes[name] = (start, stop, step)
-    pair_list = [tuple(_split_list(p)) for p in pairs]
-    budget = _budget(wc_angle, wc_shift, wc_grid, wc_k) if worst_case else None
-    if not names and not pair_list and budget is None:
-        raise InvariscopeError(
-            "nothing to sweep: give --transforms (e.g. rotation,translate_x), --pair or --worst-case"
-        )
-    if timeout <= 0:
-        raise InvariscopeError(f"--timeout must be positive, got {timeout:g}")
-    rank, world_size = rank_from_env()
-    dev = rank_device(resolve_device(device), rank, world_size)
-    model = load_model(model_spec, weights)
-    dataset = create_dataset(data_spec, split=split)
-    started = init_distributed(dev, timeout=timeout)
-    try:
-        result = sweep(
-            model,
-            dataset,
-            names,
-            magnitudes or None,
-            pairs=pair_list,
-            worst_case=budget,
-            images=images,
-            classes=_split_list(classes) if classes else None,
-            batch_size=batch_size,
-            forward_batch=forward_batch,
-            seed=seed,
-            threshold_fraction=threshold,
-            device=dev,
-            out=out,
-            overwrite=overwrite,
-            figures=not no_figures,
-            progress=not no_progress,
-            num_workers=workers,
-            model_spec=model_spec if weights is None else f"{model_spec} (weights {weights})",
-            data_spec=f"{data_spec}:{split}" if split != "test" else data_spec,
-            rank=rank,
-            world_size=world_size,
-            timeout=timeout,
-        )
-    finally:
-        if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    pair_list = [tuple(split_list(p)) for p in pairs]
+    budget = budget_from_options(kwargs) if worst_case else None
+    analysis = SweepAnalysis(
+        names,
+        magnitudes or None,
+        pairs=pair_list,
+        worst_case=budget,
+        threshold_fraction=threshold,
+    )
+    result = run_analysis_command(analysis, common, options={"threshold_fraction": threshold})
     if result.aggregated:  # the other ranks print nothing but errors
-        _report(result, out)
+        _report(result, common["out"])
 
 
 def _fmt(value) -> str:
@@ -316,3 +187,33 @@ def _report(result, out: Path) -> None:
             "worst case: " + ", ".join(f"{k.replace('_', '-')} {v:.4f}" for k, v in wc.items())
         )
     click.echo(f"tables and {len(result.figures) // 2} figures written to {out}")
+
+
+@cli.command("worst-case")
+@worst_case_options
+@engine_options
+def worst_case_cmd(**kwargs) -> None:
+    """Worst-case rotation x translation accuracy (Engstrom et al. 2019).
+
+    Each image is counted correct under four evaluations: natural, one random
+    transformation from the budget, all of k random ones (worst-of-k), and every point
+    of a grid over the budget (grid). Writes the per-image table, the accuracies with
+    95% Wilson intervals and a figure to --out; resumable and distributable like every
+    analysis.
+
+    \b
+    Example:
+      invariscope worst-case --model model.pt --data digits --wc-angle 30 --wc-shift 3 --images 200 --out runs/worst
+    """
+    from invariscope.measure.worst_case import WorstCaseAnalysis
+
+    common = pop_common(kwargs)
+    result = run_analysis_command(WorstCaseAnalysis(budget_from_options(kwargs)), common)
+    if result.aggregated:
+        s = result.summary
+        click.echo(f"{s['num_images']} images, budget {s['budget']}")
+        click.echo(
+            "worst case: "
+            + ", ".join(f"{k.replace('_', '-')} {v:.4f}" for k, v in s["worst_case"].items())
+        )
+        click.echo(f"tables and {len(result.figures) // 2} figures written to {common['out']}")

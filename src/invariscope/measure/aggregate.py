@@ -19,6 +19,10 @@ class). Everything here turns those into the measures of Bunne et al. 2018 (stra
   where the top-1 prediction differs from the prediction at the identity, on each side
   (:func:`breaking_magnitudes`).
 
+Every proportion of images in these tables (``accuracy``, ``identity_accuracy``, the
+``broken_*`` fractions) is followed by ``<name>_low`` and ``<name>_high``: its 95% Wilson
+score interval (:func:`wilson_interval`), NaN where there are no images.
+
 Convention:
     "Low" is the side of magnitudes below the transformation's identity (negative angles
     and shifts, scale factors below 1), "high" the side above. A threshold or breaking
@@ -39,6 +43,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
+from scipy.stats import norm
 
 from invariscope.errors import InvariscopeError
 
@@ -73,6 +79,65 @@ def _identity_position(mags: np.ndarray, identity: float, name: str) -> int:
             "add it to the swept range"
         )
     return int(hits[0])
+
+
+def wilson_interval(
+    successes: ArrayLike, n: ArrayLike, confidence: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a binomial proportion ``successes / n``, elementwise.
+
+    With ``p = k / n`` and ``z`` the standard normal quantile at ``(1 + confidence) / 2``::
+
+        centre = (p + z^2 / (2 n)) / (1 + z^2 / n)
+        half   = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / (4 n^2))
+        low, high = centre - half, centre + half
+
+    The interval lies in ``[0, 1]`` (``low = 0`` exactly when ``k = 0``, ``high = 1`` when
+    ``k = n``) and, unlike the normal approximation, is never empty or degenerate at
+    ``p = 0`` or 1. ``successes`` need not be integers (a proportion times ``n`` works).
+
+    Args:
+        successes: number of successes ``k``, any shape (broadcast with ``n``).
+        n: number of trials; ``n == 0`` gives NaN for both bounds.
+        confidence: coverage in ``(0, 1)``.
+
+    Returns:
+        ``(low, high)`` float64 arrays of the broadcast shape (0-d for scalars).
+
+    >>> low, high = wilson_interval(5, 10)
+    >>> round(float(low), 4), round(float(high), 4)
+    (0.2366, 0.7634)
+    """
+    if not 0.0 < confidence < 1.0:
+        raise InvariscopeError(f"confidence must be in (0, 1), got {confidence}")
+    k = np.asarray(successes, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    if np.any(n < 0) or np.any(k < 0) or np.any(k > n):
+        raise InvariscopeError("wilson_interval: needs 0 <= successes <= n")
+    z = float(norm.ppf(0.5 + confidence / 2.0))
+    z2 = z * z
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = k / n
+        denom = 1.0 + z2 / n
+        centre = (p + z2 / (2.0 * n)) / denom
+        half = z / denom * np.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
+        low = np.clip(centre - half, 0.0, 1.0)
+        high = np.clip(centre + half, 0.0, 1.0)
+    empty = n == 0
+    low = np.where(empty, np.nan, np.where(k == 0, 0.0, low))
+    high = np.where(empty, np.nan, np.where(k == n, 1.0, high))
+    return low, high
+
+
+def _insert_interval(
+    frame: pd.DataFrame, column: str, successes: ArrayLike, n: ArrayLike
+) -> pd.DataFrame:
+    """Insert ``<column>_low`` and ``<column>_high`` (Wilson, 95%) right after ``column``."""
+    low, high = wilson_interval(np.asarray(successes), np.asarray(n))
+    at = frame.columns.get_loc(column) + 1
+    frame.insert(at, f"{column}_low", np.broadcast_to(low, (len(frame),)).copy())
+    frame.insert(at + 1, f"{column}_high", np.broadcast_to(high, (len(frame),)).copy())
+    return frame
 
 
 def _check_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -123,12 +188,14 @@ def class_accuracy_curve(data: pd.DataFrame, keys: Sequence[str] = KEYS_1D) -> p
         data: records or :func:`class_counts` output.
 
     Returns:
-        Columns ``*keys, label, n, accuracy, mean_p_true``: top-1 accuracy and mean
-        probability of the true class over the images of class ``label`` at each point.
+        Columns ``*keys, label, n, accuracy, accuracy_low, accuracy_high, mean_p_true``:
+        top-1 accuracy (with its 95% Wilson interval) and mean probability of the true
+        class over the images of class ``label`` at each point.
     """
     counts = class_counts(data, keys)
     out = counts[[*keys, "label", "n"]].copy()
     out["accuracy"] = counts["n_correct"] / counts["n"]
+    _insert_interval(out, "accuracy", counts["n_correct"], counts["n"])
     out["mean_p_true"] = counts["sum_p_true"] / counts["n"]
     return out.reset_index(drop=True)
 
@@ -140,7 +207,8 @@ def accuracy_curve(data: pd.DataFrame, keys: Sequence[str] = KEYS_1D) -> pd.Data
         data: records or :func:`class_counts` output.
 
     Returns:
-        Columns ``*keys, n, accuracy, mean_p_true`` sorted by keys.
+        Columns ``*keys, n, accuracy, accuracy_low, accuracy_high, mean_p_true`` sorted by
+        keys (``accuracy_low/high``: the 95% Wilson interval of the accuracy).
     """
     keys = list(keys)
     counts = class_counts(data, keys)
@@ -148,6 +216,7 @@ def accuracy_curve(data: pd.DataFrame, keys: Sequence[str] = KEYS_1D) -> pd.Data
     out = total[[*keys, "n"]].copy()
     out["n"] = out["n"].astype("int64")
     out["accuracy"] = total["n_correct"] / total["n"]
+    _insert_interval(out, "accuracy", total["n_correct"], total["n"])
     out["mean_p_true"] = total["sum_p_true"] / total["n"]
     return out
 
@@ -448,9 +517,11 @@ def thresholds(
         fraction: relative accuracy drop that defines the threshold, in ``(0, 1]``.
 
     Returns:
-        Columns ``transform, label, n, identity, identity_accuracy, threshold_low,
-        threshold_high`` (+ ``overtaken_low, overtaken_high, overtaken_by_low,
-        overtaken_by_high`` with ``sums``); NaN = not reached in the swept range.
+        Columns ``transform, label, n, identity, identity_accuracy, identity_accuracy_low,
+        identity_accuracy_high, threshold_low, threshold_high`` (+ ``overtaken_low,
+        overtaken_high, overtaken_by_low, overtaken_by_high`` with ``sums``); NaN = not
+        reached in the swept range. ``identity_accuracy_low/high`` is the 95% Wilson
+        interval of the identity accuracy (not a side of the identity).
     """
     if not 0.0 < fraction <= 1.0:
         raise InvariscopeError(f"threshold fraction must be in (0, 1], got {fraction}")
@@ -498,6 +569,10 @@ def thresholds(
             "threshold_low",
             "threshold_high",
         ],
+    )
+    # counts are integers: undo the float round trip through accuracy * n
+    _insert_interval(
+        out, "identity_accuracy", np.round(out["identity_accuracy"] * out["n"]), out["n"]
     )
     if sums is not None:
         out = out.merge(overtaken(sums, identities), on=["transform", "label"], how="left")
@@ -582,9 +657,12 @@ def breaking_summary(breaking: pd.DataFrame) -> pd.DataFrame:
     """Summarise per-image breaking magnitudes per class (and over all, ``label == -1``).
 
     Returns:
-        Columns ``transform, label, n, broken_low, broken_high, median_break_low,
+        Columns ``transform, label, n, broken_low, broken_low_low, broken_low_high,
+        broken_high, broken_high_low, broken_high_high, median_break_low,
         median_break_high``: the fraction of images whose prediction changes within the
-        swept range on each side, and the median breaking magnitude over those images.
+        swept range on each side (``broken_<side>``, followed by its 95% Wilson interval
+        ``broken_<side>_low`` / ``broken_<side>_high``), and the median breaking magnitude
+        over those images.
     """
     _check_columns(breaking, ["transform", "label", "break_low", "break_high"], "breaking table")
     both = pd.concat([breaking.assign(label=ALL_CLASSES), breaking], ignore_index=True)
@@ -597,6 +675,9 @@ def breaking_summary(breaking: pd.DataFrame) -> pd.DataFrame:
         median_break_high=("break_high", "median"),
     ).reset_index()
     out["label"] = out["label"].astype("int64")
+    n_broken = grouped[["break_low", "break_high"]].count().reset_index(drop=True)
+    for side in ("low", "high"):
+        _insert_interval(out, f"broken_{side}", n_broken[f"break_{side}"], out["n"])
     return out
 
 
@@ -614,8 +695,9 @@ def worst_case_summary(per_image: pd.DataFrame) -> pd.DataFrame:
             :data:`WORST_CASE_SETTINGS` (bool).
 
     Returns:
-        Columns ``label, setting, n, accuracy``: one row per setting over all images
-        (``label == -1``) and per class.
+        Columns ``label, setting, n, accuracy, accuracy_low, accuracy_high``: one row per
+        setting over all images (``label == -1``) and per class, with the 95% Wilson
+        interval of the accuracy.
     """
     _check_columns(
         per_image, ["label", *(f"{s}_correct" for s in WORST_CASE_SETTINGS)], "worst-case table"
@@ -624,12 +706,16 @@ def worst_case_summary(per_image: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for label, group in both.groupby("label", sort=True):
         for setting in WORST_CASE_SETTINGS:
+            correct = group[f"{setting}_correct"]
             rows.append(
                 {
                     "label": int(label),
                     "setting": setting,
                     "n": len(group),
-                    "accuracy": float(group[f"{setting}_correct"].mean()),
+                    "accuracy": float(correct.mean()),
+                    "n_correct": int(correct.astype("int64").sum()),
                 }
             )
-    return pd.DataFrame(rows, columns=["label", "setting", "n", "accuracy"])
+    out = pd.DataFrame(rows, columns=["label", "setting", "n", "accuracy", "n_correct"])
+    _insert_interval(out, "accuracy", out["n_correct"], out["n"])
+    return out.drop(columns="n_correct")

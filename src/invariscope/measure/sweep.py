@@ -29,16 +29,14 @@ Convention:
     Gaussian noise is seeded per image by the dataset index (shifted by ``seed``, see
     :data:`NOISE_SEED_MULTIPLIER`), with the same noise image at every magnitude. Geometric warps fill with zeros.
 
-Execution: images are read in batches of ``batch_size`` (a *part* per transformation
-and batch, the unit of resumption), several magnitudes of a batch are stacked into one
-forward pass of at most ``forward_batch`` images, everything runs under
-``torch.inference_mode`` on the model's device, and only the top-5 classes and
-per-class softmax sums leave the device. With ``out=RUN_DIR`` the parts go to an
-:class:`invariscope.runs.store.RunStore`: an interrupted run resumes by skipping the
-finished parts, and the aggregates are computed at the end by streaming over the parts.
-Parts are also the unit of distribution: under ``torchrun`` (or with ``rank`` and
-``world_size``) each rank computes its share of the parts into the same run directory
-and rank 0 aggregates once all are done (see :func:`sweep`, "Distribution").
+Execution: :class:`SweepAnalysis` is a registered analysis of the engine
+(:mod:`invariscope.engine`), which reads images in batches of ``batch_size`` (a *part*
+per transformation and batch, the unit of resumption and of distribution), resumes,
+distributes under ``torchrun`` and draws the figures. Several magnitudes of a batch are
+stacked into one forward pass of at most ``forward_batch`` images (timed on the real
+model by default), everything runs under ``torch.inference_mode`` on the model's
+device, and only the top-5 classes and per-class softmax sums leave the device. The
+aggregates are computed at the end by streaming over the parts.
 
 Example:
     >>> from invariscope.data import create_dataset
@@ -53,8 +51,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,35 +62,21 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-import invariscope
+from invariscope.engine import Analysis, AnalysisEntry, Batch, Part, RunResult, register_analysis
+from invariscope.engine import run as run_analysis
 from invariscope.errors import InvariscopeError
-from invariscope.measure import _sweep_core
 from invariscope.measure import aggregate as agg
-from invariscope.measure._sweep_core import (
-    check_images,
-    concat_columns,
-    dataset_classes,
-    iter_batches,
-    model_device,
-    model_fingerprint,
-    predict_chunk,
-    prediction_columns,
-    resolve_classes,
-    select_indices,
-)
+from invariscope.measure._sweep_core import concat_columns, predict_chunk, prediction_columns
 from invariscope.measure.worst_case import SpatialBudget, worst_case_batch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepResult", "demo_sweep", "resolve_magnitudes", "sweep", "sweep_2d"]
+__all__ = ["SweepAnalysis", "SweepResult", "resolve_magnitudes", "sweep", "sweep_2d"]
 
 #: Noise seeds are ``(dataset index + seed * NOISE_SEED_MULTIPLIER) mod 2**32``: the dataset
 #: indices themselves for ``seed=0``. (torch's CPU generator uses only the low 32 bits of a
 #: seed, so seeds that differ above bit 32 would give the same noise.)
 NOISE_SEED_MULTIPLIER = 0x9E3779B1
-
-#: Default most images per forward pass, per device type.
-DEFAULT_FORWARD_BATCH = {"cpu": 256, "cuda": 1024, "mps": 512}
 
 #: Per-image tables (stored as parts) and aggregate tables (stored at the end).
 PART_TABLES = ("records", "softmax_sums", "breaking", "records_2d", "worst_case")
@@ -110,12 +94,8 @@ AGGREGATE_TABLES = (
 )
 
 
-# ---------------------------------------------------------------------------- results
-
-
-@dataclass
-class SweepResult:
-    """What :func:`sweep` returns: aggregate tables in memory, per-image tables on demand.
+class SweepResult(RunResult):
+    """What :func:`sweep` returns (a :class:`~invariscope.engine.RunResult`).
 
     Attributes:
         aggregates: ``{name: DataFrame}`` for the names in :data:`AGGREGATE_TABLES` that
@@ -129,75 +109,10 @@ class SweepResult:
             are empty (rank 0 aggregates; read its run directory with
             :meth:`invariscope.runs.RunStore.open`).
         parts_written: ids of the parts this process computed (not those it resumed).
+
+    Per-image tables (``records``, ``breaking``, ...) are read on demand:
+    ``result.table("records")`` or ``result.records``.
     """
-
-    aggregates: dict[str, pd.DataFrame]
-    run_dir: Path | None
-    summary: dict[str, Any]
-    figures: list[Path] = field(default_factory=list)
-    rank: int = 0
-    world_size: int = 1
-    aggregated: bool = True
-    parts_written: list[str] = field(default_factory=list)
-    _store: Any = field(default=None, repr=False)
-
-    def table(self, name: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        """An aggregate, or a per-image table read from the parts (``records``, ...)."""
-        if name in self.aggregates:
-            frame = self.aggregates[name]
-            return frame if columns is None else frame[list(columns)]
-        if not self.aggregated and name in AGGREGATE_TABLES:
-            raise InvariscopeError(
-                f"rank {self.rank} of {self.world_size} does not aggregate, so it has no "
-                f"'{name}' table; read it from rank 0's result or RunStore.open('{self.run_dir}')"
-            )
-        if name not in PART_TABLES:
-            raise InvariscopeError(
-                f"no table '{name}' in this sweep; known: "
-                f"{', '.join(sorted(set(self.aggregates) | set(PART_TABLES)))}"
-            )
-        return self._store.read_table(name, columns=columns)
-
-    def __getattr__(self, name: str) -> pd.DataFrame:
-        if name.startswith("_") or name in SweepResult.__dataclass_fields__:
-            raise AttributeError(name)
-        if name in AGGREGATE_TABLES or name in PART_TABLES:
-            return self.table(name)
-        raise AttributeError(name)
-
-
-class _MemoryStore:
-    """The subset of :class:`RunStore` a sweep uses, kept in memory (``out=None``)."""
-
-    def __init__(self) -> None:
-        self.parts: dict[str, dict[str, pd.DataFrame]] = {}
-        self.aggregates: dict[str, pd.DataFrame] = {}
-
-    def pending(self, ids: Iterable[str]) -> list[str]:
-        return [p for p in ids if p not in self.parts]
-
-    def write_part(self, pid: str, tables: Mapping[str, pd.DataFrame]) -> None:
-        self.parts[pid] = dict(tables)
-
-    def iter_table(self, name: str, columns=None, filters=None):
-        for pid in sorted(self.parts):
-            frame = self.parts[pid].get(name)
-            if frame is None:
-                continue
-            for column, op, value in filters or ():
-                if op != "==":
-                    raise ValueError(f"in-memory sweeps filter with == only, got {op!r}")
-                frame = frame[frame[column] == value]
-            yield pid, frame if columns is None else frame[list(columns)]
-
-    def read_table(self, name: str, columns=None, filters=None) -> pd.DataFrame:
-        frames = [f for _, f in self.iter_table(name, columns, filters)]
-        if not frames:
-            raise InvariscopeError(f"this sweep produced no '{name}' table")
-        return pd.concat(frames, ignore_index=True)
-
-    def write_aggregate(self, name: str, table: pd.DataFrame) -> None:
-        self.aggregates[name] = table
 
 
 # ------------------------------------------------------------------------ magnitudes
@@ -287,7 +202,7 @@ def _chunks(n_mags: int, batch: int, forward_batch: int) -> list[slice]:
 
 
 def _sweep_part(
-    model: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
     idx: torch.Tensor,
@@ -322,7 +237,7 @@ def _sweep_part(
             f"..{mags[sl.stop - 1]:g}" if c > 1 else ""
         )
         pred, probs, correct, p_true = predict_chunk(
-            model, images, labels, num_classes, top_k, where
+            forward, images, labels, num_classes, top_k, where
         )
         mag_pos = torch.arange(sl.start, sl.stop, device=dev).repeat_interleave(b)
         cell = mag_pos * n_uniq + inverse.repeat(c)
@@ -370,7 +285,7 @@ def _sweep_part(
 
 
 def _pair_part(
-    model: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
     idx: torch.Tensor,
@@ -397,7 +312,7 @@ def _pair_part(
         mb = torch.as_tensor(grid_b[sl]).repeat_interleave(b).to(dev)
         images = _apply_pair(a, b_name, x.repeat(c, 1, 1, 1), ma, mb, seeds.repeat(c))
         where = f"{a} x {b_name} at ({grid_a[sl.start]:g}, {grid_b[sl.start]:g})"
-        pred, _, _, _ = predict_chunk(model, images, y.repeat(c), num_classes, top_k, where)
+        pred, _, _, _ = predict_chunk(forward, images, y.repeat(c), num_classes, top_k, where)
         cols = {
             "magnitude_a": np.repeat(grid_a[sl], b),
             "magnitude_b": np.repeat(grid_b[sl], b),
@@ -410,9 +325,6 @@ def _pair_part(
     records.insert(0, "transform_a", a)
     records.insert(2, "transform_b", b_name)
     return {"records_2d": records}
-
-
-# --------------------------------------------------------------------------- the sweep
 
 
 def _pairs(pairs: Iterable[Any] | None) -> list[tuple[str, str]]:
@@ -444,30 +356,21 @@ def _budget(worst_case: SpatialBudget | bool | Mapping[str, Any] | None) -> Spat
     )
 
 
-def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
-    if device is None:
-        return model_device(model)
-    from invariscope.train import resolve_device
-
-    return resolve_device(device)
+# ------------------------------------------------------------------------ the analysis
 
 
 @dataclass
-class _Plan:
+class _Spec:
+    """What is swept: resolved from the arguments before any image is read."""
+
     transforms: dict[str, np.ndarray]
     identities: dict[str, float]
     units: dict[str, str]
     pairs: list[tuple[str, np.ndarray, str, np.ndarray]]
     budget: SpatialBudget | None
-    indices: np.ndarray
-    batches: list[np.ndarray]
-    part_ids: list[tuple[str, str, Any]]  # (part id, kind, payload)
 
 
-def _plan(
-    transforms, magnitudes, pairs, worst_case, dataset, *, images, classes, batch_size, seed
-) -> _Plan:
-    from invariscope.runs.store import part_id
+def _spec(transforms, magnitudes, pairs, worst_case) -> _Spec:
     from invariscope.transforms import get_transform
 
     names = _transform_names(transforms)
@@ -506,59 +409,299 @@ def _plan(
     all_names = list(dict.fromkeys([*names, *(n for p in pair_names for n in p)]))
     identities = {n: float(get_transform(n).identity) for n in all_names}
     units = {n: str(get_transform(n).unit) for n in all_names}
-    if batch_size < 1:
-        raise InvariscopeError(f"--batch-size must be at least 1, got {batch_size}")
-    class_ids = resolve_classes(classes, dataset_classes(dataset))
-    indices = select_indices(dataset, images=images, classes=class_ids, seed=seed)
-    batches = [indices[s : s + batch_size] for s in range(0, len(indices), batch_size)]
-    ids: list[tuple[str, str, Any]] = []
-    for b in range(len(batches)):
-        for n in names:
-            ids.append((part_id("sweep", n, b), "sweep", (n, b)))
-        for k, (a, _, bb, _) in enumerate(pair_plan):
-            ids.append((part_id("grid", f"{a}+{bb}", b), "pair", (k, b)))
-        if budget is not None:
-            ids.append((part_id("worst", b), "worst", (None, b)))
-    return _Plan(mags, identities, units, pair_plan, budget, indices, batches, ids)
+    return _Spec(mags, identities, units, pair_plan, budget)
 
 
-def _config(
-    plan: _Plan,
+class SweepAnalysis(Analysis):
+    """Magnitude sweeps, 2-D grids and the worst-case search as one engine analysis.
+
+    Parts: one per (transformation, batch) (``sweep-<name>-<batch>``), per (pair,
+    batch) (``grid-<a>+<b>-<batch>``) and, with a budget, per batch (``worst-<batch>``).
+    Arguments as in :func:`sweep`.
+    """
+
+    name = "sweep"
+    part_tables = PART_TABLES
+    aggregate_tables = AGGREGATE_TABLES
+
+    def __init__(
+        self,
+        transforms: str | Sequence[str] | None = ("rotation",),
+        magnitudes: Mapping[str, Any] | Any | None = None,
+        *,
+        pairs: Iterable[Any] | None = None,
+        worst_case: SpatialBudget | bool | Mapping[str, Any] | None = None,
+        top_k: int = 5,
+        threshold_fraction: float = 0.5,
+    ) -> None:
+        if not 0.0 < threshold_fraction <= 1.0:
+            raise InvariscopeError(f"--threshold must be in (0, 1], got {threshold_fraction}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise InvariscopeError(f"top_k must be at least 1, got {top_k}")
+        self.spec = _spec(transforms, magnitudes, pairs, worst_case)
+        self.top_k = top_k
+        self.threshold_fraction = float(threshold_fraction)
+
+    def config(self) -> dict[str, Any]:
+        s = self.spec
+        return {
+            "transforms": {n: m.tolist() for n, m in s.transforms.items()},
+            "pairs": [[a, ma.tolist(), b, mb.tolist()] for a, ma, b, mb in s.pairs],
+            "worst_case": None if s.budget is None else s.budget.to_dict(),
+            "top_k": int(self.top_k),
+        }
+
+    def max_forward_batch(self, ctx) -> int:
+        s = self.spec
+        batch = max(len(b) for b in ctx.batches["data"])
+        most = [len(m) for m in s.transforms.values()]
+        most += [len(ma) * len(mb) for _, ma, _, mb in s.pairs]
+        if s.budget is not None:
+            most.append(1 + s.budget.k + len(s.budget.grid()))
+        return batch * max(most)
+
+    def work(self, ctx) -> int:
+        s = self.spec
+        per_image = sum(len(m) for m in s.transforms.values())
+        per_image += sum(len(ma) * len(mb) for _, ma, _, mb in s.pairs)
+        if s.budget is not None:
+            per_image += 1 + s.budget.k + len(s.budget.grid())
+        return len(ctx.indices["data"]) * per_image
+
+    def plan(self, ctx) -> list[Part]:
+        from invariscope.runs.store import part_id
+
+        parts = []
+        for b in range(len(ctx.batches["data"])):
+            for n in self.spec.transforms:
+                parts.append(Part(part_id("sweep", n, b), batch=b, key=("sweep", n)))
+            for k, (a, _, bb, _) in enumerate(self.spec.pairs):
+                parts.append(Part(part_id("grid", f"{a}+{bb}", b), batch=b, key=("pair", k)))
+            if self.spec.budget is not None:
+                parts.append(Part(part_id("worst", b), batch=b, key=("worst", None)))
+        return parts
+
+    def compute(self, part: Part, ctx, batch: Batch) -> dict[str, pd.DataFrame]:
+        kind, what = part.key
+        common = dict(num_classes=ctx.num_classes, forward_batch=ctx.forward_batch, seed=ctx.seed)
+        if kind == "sweep":
+            return _sweep_part(
+                ctx.forward,
+                batch.x,
+                batch.y,
+                batch.index,
+                what,
+                self.spec.transforms[what],
+                top_k=self.top_k,
+                identity=self.spec.identities[what],
+                **common,
+            )
+        if kind == "pair":
+            return _pair_part(
+                ctx.forward,
+                batch.x,
+                batch.y,
+                batch.index,
+                self.spec.pairs[what],
+                top_k=self.top_k,
+                **common,
+            )
+        return {
+            "worst_case": worst_case_batch(
+                ctx.forward, batch.x, batch.y, batch.index, self.spec.budget, **common
+            )
+        }
+
+    def aggregate(self, ctx) -> dict[str, pd.DataFrame]:
+        return _aggregate(ctx.results, self.spec, ctx.classes["data"], self.threshold_fraction)
+
+    def summary(self, aggregates, ctx) -> dict[str, Any]:
+        return _summary(aggregates, len(ctx.indices["data"]), self.threshold_fraction)
+
+
+register_analysis(
+    AnalysisEntry(
+        name="sweep",
+        analysis=SweepAnalysis,
+        title="Transformation sweeps",
+        paper=(
+            "Bunne et al. 2018, Studying invariances of trained convolutional neural networks; "
+            "worst case: Engstrom et al. 2019, Exploring the landscape of spatial robustness"
+        ),
+        about=(
+            "Each transformation is applied at increasing magnitude to the test images and "
+            "every prediction is recorded: accuracy and class-wise mean softmax curves show "
+            "where the network stops recognising each class, and a threshold is the first "
+            "magnitude on each side of the identity where class accuracy falls below a "
+            "fraction of its identity accuracy. Intervals are 95% Wilson intervals over images."
+        ),
+        command="sweep",
+        report_tables=(
+            "thresholds",
+            "accuracy",
+            "breaking_summary",
+            "accuracy_2d",
+            "worst_case_summary",
+        ),
+        figures="invariscope.plots.sweep:render_sweep_run",
+        demo="invariscope.demo:sweep_stage",
+        conformance=(
+            "--data",
+            "digits",
+            "--transforms",
+            "rotation,gaussian_noise",
+            "--range",
+            "rotation=-90:90:45",
+            "--range",
+            "gaussian_noise=0:0.6:0.3",
+            "--pair",
+            "translate_x,translate_y",
+            "--range",
+            "translate_x=-0.1:0.1:0.1",
+            "--range",
+            "translate_y=-0.1:0.1:0.1",
+            "--images",
+            "40",
+            "--batch-size",
+            "8",
+        ),
+        figure_order=("accuracy", "softmax_curves", "thresholds", "worst_case"),
+    )
+)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def sweep(
     model: nn.Module,
     dataset: Dataset,
+    transforms: str | Sequence[str] | None = ("rotation",),
+    magnitudes: Mapping[str, Any] | Any | None = None,
     *,
-    seed,
-    top_k,
-    batch_size,
-    forward_batch,
-) -> dict[str, Any]:
-    return {
-        "analysis": "sweep",
-        "version": 1,
-        "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
-        "data": {
-            "name": getattr(dataset, "name", type(dataset).__name__),
-            "fingerprint": getattr(dataset, "fingerprint", None),
-            "size": len(dataset),
+    pairs: Iterable[Any] | None = None,
+    worst_case: SpatialBudget | bool | Mapping[str, Any] | None = None,
+    images: int | Sequence[int] | None = None,
+    classes: Sequence[str | int] | None = None,
+    batch_size: int = 128,
+    forward_batch: int | str | None = "auto",
+    top_k: int = 5,
+    seed: int = 0,
+    threshold_fraction: float = 0.5,
+    device: str | torch.device | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    figures: bool | None = None,
+    progress: bool = False,
+    num_workers: int = 0,
+    model_spec: str | None = None,
+    data_spec: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    timeout: float = 1800.0,
+    memory_format: str = "auto",
+    amp: bool = False,
+) -> SweepResult:
+    """Sweep ``transforms`` over their magnitudes on ``dataset`` and summarise the predictions.
+
+    Runs :class:`SweepAnalysis` on the engine (:func:`invariscope.engine.run`), which
+    owns resumption, distribution, the device and the figures.
+
+    Args:
+        model: a classifier: ``[B, C, H, W]`` images in ``[0, 1]`` -> logits ``[B, K]``,
+            ``K = len(dataset.classes)``. Put in eval mode for the sweep (restored after).
+        dataset: yields ``(image [C, H, W] in [0, 1], label)``; has ``classes``.
+        transforms: registered names (list or ``"rotation,zoom"``); may be empty with
+            ``pairs`` or ``worst_case``.
+        magnitudes: ``{name: spec}`` with spec a range ``(start, stop[, step])`` or
+            ``"start:stop[:step]"``, or explicit values (list / array); missing names use
+            the registry's default range. The identity magnitude is always added.
+        pairs: two-parameter sweeps, e.g. ``[("translate_x", "translate_y")]``, over the
+            full grid of both transformations' magnitudes (geometric pairs in ONE warp).
+        worst_case: ``True`` or a :class:`~invariscope.measure.worst_case.SpatialBudget`
+            for the rotation x translation worst-case search (Engstrom et al. 2019).
+        images: N (a seeded random subset of N images, sorted) or explicit indices.
+        classes: only images of these classes (names or indices).
+        batch_size: images per part (unit of resumption and of the per-part tables).
+        forward_batch: most images per forward pass; ``forward_batch // batch_size``
+            magnitudes of one batch share a forward pass. ``"auto"`` (default): timed on
+            the real model and device before the run (recorded in the run directory).
+        top_k: number of top classes recorded per image (at most K).
+        seed: seeds the image subset, the noise (per image: the dataset index shifted by
+            ``seed``; exactly the index for ``seed=0``) and the worst-case random draws.
+        threshold_fraction: see :func:`invariscope.measure.aggregate.thresholds`.
+        device: where to run (the model is moved there); default: the model's device.
+        out: run directory; parts are stored there and a rerun resumes. A directory
+            holding another configuration is refused unless ``overwrite``.
+        figures: render the figures into ``out/figures`` (default: True when ``out``).
+        model_spec, data_spec: how the model and data were named (stored in the run's
+            ``meta.json``; the configuration holds their fingerprints, so the same model
+            named differently still resumes).
+        rank, world_size, timeout: see :mod:`invariscope.engine.runner` ("Distribution").
+        memory_format: ``"auto"`` (channels_last where it is faster), ``"contiguous"``
+            or ``"channels_last"``. amp: autocast the forward passes.
+
+    Returns:
+        A :class:`SweepResult`. Raises :class:`InvariscopeError` for bad input (checked
+        before anything is written where possible; a failure later leaves the run
+        directory "running", without aggregates).
+    """
+    analysis = SweepAnalysis(
+        transforms,
+        magnitudes,
+        pairs=pairs,
+        worst_case=worst_case,
+        top_k=top_k,
+        threshold_fraction=threshold_fraction,
+    )
+    result = run_analysis(
+        analysis,
+        {"model": model},
+        {"data": dataset},
+        images=images,
+        classes=classes,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        forward_batch=forward_batch,
+        memory_format=memory_format,
+        amp=amp,
+        out=out,
+        overwrite=overwrite,
+        figures=figures,
+        progress=progress,
+        num_workers=num_workers,
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+        meta={
+            "threshold_fraction": threshold_fraction,
+            "model_spec": model_spec,
+            "data_spec": data_spec,
         },
-        "images": {"count": len(plan.indices), "indices_sha256": _indices_hash(plan.indices)},
-        "transforms": {n: m.tolist() for n, m in plan.transforms.items()},
-        "pairs": [[a, ma.tolist(), b, mb.tolist()] for a, ma, b, mb in plan.pairs],
-        "worst_case": None if plan.budget is None else plan.budget.to_dict(),
-        "seed": int(seed),
-        "top_k": int(top_k),
-        "batch_size": int(batch_size),
-        "forward_batch": int(forward_batch),
-    }
+    )
+    return SweepResult(**{f: getattr(result, f) for f in RunResult.__dataclass_fields__})
 
 
-def _indices_hash(indices: np.ndarray) -> str:
-    import hashlib
+def sweep_2d(
+    model: nn.Module,
+    dataset: Dataset,
+    pair: tuple[str, str] | str,
+    magnitudes: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> SweepResult:
+    """Two-parameter sweep of ``pair`` (e.g. ``("translate_x", "translate_y")``).
 
-    return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()
+    The same as ``sweep(model, dataset, [], magnitudes, pairs=[pair], **kwargs)``; the
+    tables are ``records_2d``, ``accuracy_2d`` and ``class_accuracy_2d``.
+    """
+    return sweep(model, dataset, [], magnitudes, pairs=[pair], **kwargs)
 
 
-def _aggregate(store, plan: _Plan, classes: list[str], fraction: float) -> dict[str, pd.DataFrame]:
+# ------------------------------------------------------------------------ aggregation
+
+
+def _aggregate(store, plan: _Spec, classes: list[str], fraction: float) -> dict[str, pd.DataFrame]:
     """Aggregate tables, streaming over the parts (one part in memory at a time)."""
     out: dict[str, pd.DataFrame] = {}
     out["classes"] = pd.DataFrame(
@@ -645,9 +788,9 @@ def _aggregate(store, plan: _Plan, classes: list[str], fraction: float) -> dict[
 
 
 def _summary(
-    aggregates: Mapping[str, pd.DataFrame], plan: _Plan, fraction: float
+    aggregates: Mapping[str, pd.DataFrame], num_images: int, fraction: float
 ) -> dict[str, Any]:
-    summary: dict[str, Any] = {"num_images": int(len(plan.indices)), "threshold_fraction": fraction}
+    summary: dict[str, Any] = {"num_images": int(num_images), "threshold_fraction": fraction}
     th = aggregates.get("thresholds")
     if th is not None:
         overall = th[th["label"] == agg.ALL_CLASSES]
@@ -668,504 +811,3 @@ def _summary(
             r.setting: float(r.accuracy) for r in overall.itertuples(index=False)
         }
     return summary
-
-
-def _preflight(
-    model: nn.Module, dataset: Dataset, indices: np.ndarray, num_classes: int, dev: torch.device
-) -> None:
-    """One forward pass on the first images before anything is written.
-
-    A model that does not fit the data (channels, size, output shape, class count) is
-    refused here, so that no run directory is created for it.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for _, x, y, _ in iter_batches(dataset, [indices]):
-                check_images(x, y, num_classes)
-                logits = model(x.to(dev))
-                _sweep_core.check_logits(logits, len(indices), num_classes, "on the first images")
-    finally:
-        model.train(was_training)
-
-
-def _check_rank(rank: Any, world_size: Any) -> None:
-    for what, value in (("rank", rank), ("world_size", world_size)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise InvariscopeError(f"{what} must be an int, got {value!r}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise InvariscopeError(
-            f"rank {rank} is not in [0, world_size={world_size}); check rank and world_size "
-            "(RANK and WORLD_SIZE under torchrun)"
-        )
-
-
-def _open_store(
-    group,
-    out,
-    config,
-    part_ids: Sequence[str],
-    *,
-    overwrite: bool,
-    timeout: float,
-    meta: dict[str, Any],
-):
-    """Open the run directory on every rank and list this rank's parts to compute.
-
-    Rank 0 opens first (it creates, resumes or clears the directory), then, after a
-    barrier when there is a process group, the other ranks. Each rank lists the pending
-    parts right after opening, and a second barrier follows, so all ranks see the same
-    pending parts (nobody writes before it) and take disjoint shares of them. Without
-    a process group a rank takes its share of all parts, minus the done ones.
-
-    Returns:
-        ``(store, todo)``.
-    """
-    from invariscope.runs.store import RunStore
-
-    def attempt(opening: bool):
-        store, todo, error = None, None, None
-        if opening:
-            try:
-                store = RunStore(
-                    out,
-                    config,
-                    # the other ranks open after rank 0 has cleared the directory: a
-                    # configuration that differs there is an error, not worth a wait
-                    overwrite=overwrite and group.rank == 0,
-                    rank=group.rank,
-                    world_size=group.world_size,
-                    timeout=timeout,
-                )
-                if group.rank == 0:
-                    store.update_meta(meta)
-                if group.collective:
-                    todo = store.shard(store.pending(part_ids))
-                else:
-                    todo = store.pending(store.shard(part_ids))
-            except Exception as exc:
-                if not group.collective:
-                    raise
-                error = exc
-        failed = group.failed_ranks(error is not None)
-        if error is not None:
-            raise error
-        if failed:
-            raise InvariscopeError(
-                f"rank {failed[0]} could not open the run directory '{out}' (see its error); "
-                "fix that and run the same command again"
-            )
-        return store, todo
-
-    first = attempt(group.rank == 0)  # barrier: rank 0 has written config.json
-    second = attempt(group.rank != 0)  # barrier: every rank listed its parts
-    return first if group.rank == 0 else second
-
-
-def _compute_parts(
-    model: nn.Module,
-    dataset: Dataset,
-    store,
-    plan: _Plan,
-    todo: Sequence[str],
-    *,
-    dev: torch.device,
-    num_classes: int,
-    top_k: int,
-    forward_batch: int,
-    seed: int,
-    num_workers: int,
-    progress: bool,
-) -> None:
-    """Compute and store the parts ``todo`` (batch by batch, each batch read once)."""
-    from tqdm.auto import tqdm
-
-    todo_set = set(todo)
-    pending_batches = sorted({payload[1] for pid, _, payload in plan.part_ids if pid in todo_set})
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=len(todo), disable=None if progress else True, unit="part", leave=False)
-    try:
-        with torch.inference_mode():
-            for pos, x, y, idx in iter_batches(
-                dataset, [plan.batches[b] for b in pending_batches], num_workers=num_workers
-            ):
-                b = pending_batches[pos]
-                check_images(x, y, num_classes)
-                x, y_dev = x.to(dev), y.to(dev)
-                for pid, kind, payload in plan.part_ids:
-                    if payload[1] != b or pid not in todo_set:
-                        continue
-                    if kind == "sweep":
-                        name = payload[0]
-                        tables = _sweep_part(
-                            model,
-                            x,
-                            y_dev,
-                            idx,
-                            name,
-                            plan.transforms[name],
-                            num_classes=num_classes,
-                            top_k=top_k,
-                            forward_batch=forward_batch,
-                            seed=seed,
-                            identity=plan.identities[name],
-                        )
-                    elif kind == "pair":
-                        tables = _pair_part(
-                            model,
-                            x,
-                            y_dev,
-                            idx,
-                            plan.pairs[payload[0]],
-                            num_classes=num_classes,
-                            top_k=top_k,
-                            forward_batch=forward_batch,
-                            seed=seed,
-                        )
-                    else:
-                        tables = {
-                            "worst_case": worst_case_batch(
-                                model,
-                                x,
-                                y_dev,
-                                idx,
-                                plan.budget,
-                                num_classes=num_classes,
-                                forward_batch=forward_batch,
-                                seed=seed,
-                            )
-                        }
-                    store.write_part(pid, tables)
-                    bar.update(1)
-    finally:
-        bar.close()
-        model.train(was_training)
-
-
-def sweep(
-    model: nn.Module,
-    dataset: Dataset,
-    transforms: str | Sequence[str] | None = ("rotation",),
-    magnitudes: Mapping[str, Any] | Any | None = None,
-    *,
-    pairs: Iterable[Any] | None = None,
-    worst_case: SpatialBudget | bool | Mapping[str, Any] | None = None,
-    images: int | Sequence[int] | None = None,
-    classes: Sequence[str | int] | None = None,
-    batch_size: int = 128,
-    forward_batch: int | None = None,
-    top_k: int = 5,
-    seed: int = 0,
-    threshold_fraction: float = 0.5,
-    device: str | torch.device | None = None,
-    out: str | Path | None = None,
-    overwrite: bool = False,
-    figures: bool | None = None,
-    progress: bool = False,
-    num_workers: int = 0,
-    model_spec: str | None = None,
-    data_spec: str | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
-    timeout: float = 1800.0,
-) -> SweepResult:
-    """Sweep ``transforms`` over their magnitudes on ``dataset`` and summarise the predictions.
-
-    Args:
-        model: a classifier: ``[B, C, H, W]`` images in ``[0, 1]`` -> logits ``[B, K]``,
-            ``K = len(dataset.classes)``. Put in eval mode for the sweep (restored after).
-        dataset: yields ``(image [C, H, W] in [0, 1], label)``; has ``classes``.
-        transforms: registered names (list or ``"rotation,zoom"``); may be empty with
-            ``pairs`` or ``worst_case``.
-        magnitudes: ``{name: spec}`` with spec a range ``(start, stop[, step])`` or
-            ``"start:stop[:step]"``, or explicit values (list / array); missing names use
-            the registry's default range. The identity magnitude is always added.
-        pairs: two-parameter sweeps, e.g. ``[("translate_x", "translate_y")]``, over the
-            full grid of both transformations' magnitudes (geometric pairs in ONE warp).
-        worst_case: ``True`` or a :class:`~invariscope.measure.worst_case.SpatialBudget`
-            for the rotation x translation worst-case search (Engstrom et al. 2019).
-        images: N (a seeded random subset of N images, sorted) or explicit indices.
-        classes: only images of these classes (names or indices).
-        batch_size: images per part (unit of resumption and of the per-part tables).
-        forward_batch: most images per forward pass; ``forward_batch // batch_size``
-            magnitudes of one batch share a forward pass. Default: 256 on the CPU (small
-            batches stay in cache), 1024 on a GPU.
-        top_k: number of top classes recorded per image (at most K).
-        seed: seeds the image subset, the noise (per image: the dataset index shifted by
-            ``seed``; exactly the index for ``seed=0``) and the worst-case random draws.
-        threshold_fraction: see :func:`invariscope.measure.aggregate.thresholds`.
-        device: where to run (the model is moved there); default: the model's device.
-        out: run directory; parts are stored there and a rerun resumes. A directory
-            holding another configuration is refused unless ``overwrite``.
-        figures: render the figures into ``out/figures`` (default: True when ``out``).
-        model_spec, data_spec: how the model and data were named (stored in the run's
-            ``meta.json``; the configuration holds their fingerprints, so the same model
-            named differently still resumes).
-        rank, world_size: this process's place in a distributed sweep (default:
-            :func:`invariscope.runs.store.rank_from_env`, i.e. ``(0, 1)`` outside
-            ``torchrun``). See "Distribution" below.
-        timeout: distributed sweeps only: seconds a rank waits for the others (rank 0
-            for parts: seconds without a new part; the other ranks for rank 0's
-            ``config.json``).
-
-    Returns:
-        A :class:`SweepResult`. Raises :class:`InvariscopeError` for bad input (checked
-        before anything is written where possible; a failure later leaves the run
-        directory "running", without aggregates).
-
-    Distribution:
-        With ``world_size > 1`` (``torchrun``, or explicit ``rank``/``world_size``) every
-        rank runs this same call with ``out`` set. Rank 0 opens (resumes, overwrites) the
-        run directory, each rank computes its share of the pending parts into it
-        (disjoint shares that cover all), and rank 0 alone aggregates, draws and
-        finalizes once every part is done; the other ranks return a result with
-        ``aggregated=False``. Parts hold the same numbers whoever computes them, so
-        the tables equal those of a single-process run. Two ways to meet:
-
-        - an initialised ``torch.distributed`` process group (``invariscope sweep``
-          starts one under torchrun; see :func:`~invariscope.measure._sweep_core.init_distributed`):
-          barriers after opening the directory and after the parts; the pending parts
-          are listed once all ranks have opened it and dealt round-robin
-          (:func:`invariscope.runs.store.shard`), so a resumed run is shared evenly too.
-          If a rank fails, every rank learns it at the barrier and rank 0 raises
-          instead of aggregating;
-        - no process group: rank ``r`` takes ``shard(all part ids, r, world_size)``
-          minus the done ones, and rank 0 polls the run directory until every part is
-          done (:func:`~invariscope.measure._sweep_core.wait_for_parts`, ``timeout``
-          seconds without progress). ``overwrite`` then needs a process group.
-
-        Either way a failure on any rank leaves the run "running" without aggregates
-        (:meth:`RunStore.finalize` refuses missing parts), and running the same
-        command again resumes it.
-    """
-    if not 0.0 < threshold_fraction <= 1.0:
-        raise InvariscopeError(f"--threshold must be in (0, 1], got {threshold_fraction}")
-    if forward_batch is not None and forward_batch < 1:
-        raise InvariscopeError(f"--forward-batch must be at least 1, got {forward_batch}")
-    if top_k < 1:
-        raise InvariscopeError(f"top_k must be at least 1, got {top_k}")
-    class_names = dataset_classes(dataset)
-    num_classes = len(class_names)
-    model_classes = getattr(model, "num_classes", None)
-    if isinstance(model_classes, int) and model_classes != num_classes:
-        raise InvariscopeError(
-            f"the model has {model_classes} classes but the dataset has {num_classes}; use a "
-            "model trained on this dataset (or a dataset with matching classes)"
-        )
-    plan = _plan(
-        transforms,
-        magnitudes,
-        pairs,
-        worst_case,
-        dataset,
-        images=images,
-        classes=classes,
-        batch_size=batch_size,
-        seed=seed,
-    )
-    from invariscope.runs.store import rank_from_env
-
-    env = rank_from_env()
-    rank = env.rank if rank is None else rank
-    world_size = env.world_size if world_size is None else world_size
-    _check_rank(rank, world_size)
-    distributed = world_size > 1
-    if distributed and out is None:
-        raise InvariscopeError(
-            f"a distributed sweep (world size {world_size}) needs a run directory that all "
-            "ranks share; pass out=RUN_DIR (--out)"
-        )
-    dev = _sweep_core.rank_device(_resolve_device(device, model), rank, world_size)
-    group = _sweep_core.RankGroup(rank, world_size, dev)
-    if distributed and overwrite and not group.collective:
-        raise InvariscopeError(
-            "overwrite in a distributed sweep needs torch.distributed (launch "
-            "'invariscope sweep' with torchrun, or call torch.distributed.init_process_group "
-            "first) so that no rank writes before rank 0 has cleared the run directory; or "
-            "remove the directory and run without overwrite"
-        )
-    if device is not None:
-        model.to(dev)
-    if forward_batch is None:
-        forward_batch = DEFAULT_FORWARD_BATCH.get(dev.type, 1024)
-    _preflight(model, dataset, plan.indices[:2], num_classes, dev)
-    config = _config(
-        plan,
-        model,
-        dataset,
-        seed=seed,
-        top_k=top_k,
-        batch_size=batch_size,
-        forward_batch=forward_batch,
-    )
-    all_ids = [pid for pid, _, _ in plan.part_ids]
-    if out is not None:
-        store, todo = _open_store(
-            group,
-            out,
-            config,
-            all_ids,
-            overwrite=overwrite,
-            timeout=timeout,
-            meta={
-                "invariscope": invariscope.__version__,
-                "torch": torch.__version__,
-                "device": str(dev),
-                "world_size": world_size,
-                "threshold_fraction": threshold_fraction,
-                "model_spec": model_spec,
-                "data_spec": data_spec,
-            },
-        )
-    else:
-        store = _MemoryStore()
-        todo = store.pending(all_ids)
-    error: Exception | None = None
-    try:
-        _compute_parts(
-            model,
-            dataset,
-            store,
-            plan,
-            todo,
-            dev=dev,
-            num_classes=num_classes,
-            top_k=top_k,
-            forward_batch=forward_batch,
-            seed=seed,
-            num_workers=num_workers,
-            progress=progress and rank == 0,
-        )
-    except Exception as exc:  # the other ranks must still reach the barrier
-        if not group.collective:
-            raise
-        error = exc
-    failed = group.failed_ranks(error is not None)
-    if error is not None:
-        raise error
-    run_dir = Path(out) if out is not None else None
-    if rank != 0:
-        return SweepResult({}, run_dir, {}, [], rank, world_size, False, list(todo), store)
-    if failed:
-        raise InvariscopeError(
-            f"rank {', '.join(map(str, failed))} of {world_size} failed (see its error), so "
-            f"run '{out}' stays incomplete; fix that and run the same command again to resume"
-        )
-    if distributed and not group.collective:
-        _sweep_core.wait_for_parts(store, all_ids, timeout=timeout)
-    aggregates = _aggregate(store, plan, class_names, threshold_fraction)
-    summary = _summary(aggregates, plan, threshold_fraction)
-    for name, table in aggregates.items():
-        store.write_aggregate(name, table)
-    written: list[Path] = []
-    if figures if figures is not None else out is not None:
-        if out is None:
-            raise InvariscopeError("figures need a run directory; pass out=RUN_DIR")
-        from invariscope.plots.sweep import render_sweep_figures
-
-        stored = {name: store.read_aggregate(name) for name in aggregates}
-        written = render_sweep_figures(
-            stored,
-            store.path("figures"),
-            fraction=threshold_fraction,
-            budget=None if plan.budget is None else plan.budget.describe(),
-        )
-    if out is not None:
-        store.finalize(summary, expected_parts=all_ids)
-    return SweepResult(
-        aggregates, run_dir, summary, written, rank, world_size, True, list(todo), store
-    )
-
-
-def sweep_2d(
-    model: nn.Module,
-    dataset: Dataset,
-    pair: tuple[str, str] | str,
-    magnitudes: Mapping[str, Any] | None = None,
-    **kwargs: Any,
-) -> SweepResult:
-    """Two-parameter sweep of ``pair`` (e.g. ``("translate_x", "translate_y")``).
-
-    The same as ``sweep(model, dataset, [], magnitudes, pairs=[pair], **kwargs)``; the
-    tables are ``records_2d``, ``accuracy_2d`` and ``class_accuracy_2d``.
-    """
-    return sweep(model, dataset, [], magnitudes, pairs=[pair], **kwargs)
-
-
-# ------------------------------------------------------------------------------- demo
-
-
-def _fmt_side(value: float) -> str:
-    """A threshold for the demo summary; NaN (not reached in the swept range) reads 'none'."""
-    return (
-        "none"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else f"{value:g}"
-    )
-
-
-def demo_sweep(model: nn.Module, dataset: Dataset, out_dir: str | Path) -> str:
-    """The sweep stage of ``invariscope demo``: a short screening with figures (~10 s on 2 cores).
-
-    Two runs under ``out_dir``: ``screening/`` sweeps rotation, horizontal translation
-    and Gaussian noise on the whole dataset; ``spatial/`` runs a translate_x x
-    translate_y grid and the worst-case rotation x translation search (+-30 deg, +-3 px
-    scaled to the image size, grid 7x3x3, k=10) on 100 images. Returns a short summary.
-    """
-    out_dir = Path(out_dir)
-    h = int(dataset[0][0].shape[-1])
-    shift = 3.0 * h / 28.0
-    ranges = {
-        "rotation": (-180, 180, 20),
-        "translate_x": (-0.4, 0.4, 0.1),
-        "gaussian_noise": (0.0, 1.0, 0.2),
-    }
-    screening = sweep(
-        model,
-        dataset,
-        list(ranges),
-        ranges,
-        out=out_dir / "screening",
-        overwrite=True,
-        figures=True,
-        rank=0,
-        world_size=1,
-    )
-    spatial = sweep(
-        model,
-        dataset,
-        [],
-        {"translate_x": (-0.3, 0.3, 0.075), "translate_y": (-0.3, 0.3, 0.075)},
-        pairs=[("translate_x", "translate_y")],
-        worst_case=SpatialBudget(max_angle=30.0, max_shift=shift, angles=7, shifts=3, k=10),
-        images=min(100, len(dataset)),
-        out=out_dir / "spatial",
-        overwrite=True,
-        figures=True,
-        rank=0,
-        world_size=1,
-    )
-    th = screening.aggregates["thresholds"]
-    overall = th[th["label"] == agg.ALL_CLASSES].set_index("transform")
-    units = screening.aggregates["transforms"].set_index("transform")["unit"]
-    identities = screening.aggregates["transforms"].set_index("transform")["identity"]
-    parts = []
-    for name, r in overall.iterrows():
-        sides = [_fmt_side(r.threshold_low), _fmt_side(r.threshold_high)]
-        if ranges[name][0] >= identities.get(name, ranges[name][0]):  # nothing below identity
-            sides = [sides[1]]
-        parts.append(f"{name} {'/'.join(sides)} [{units.get(name, '')}]")
-    wc = spatial.summary.get("worst_case", {})
-    figures = len(screening.figures + spatial.figures) // 2
-    return (
-        f"{screening.summary['num_images']} images, identity accuracy "
-        f"{screening.summary['identity_accuracy']:.3f}; accuracy halves at (low/high; "
-        "none = not within the swept range) "
-        + "; ".join(parts)
-        + f".\nWorst case on {spatial.summary['num_images']} images (+-30 deg, +-{shift:g} px): "
-        f"natural {wc.get('natural', 0):.3f}, random {wc.get('random', 0):.3f}, worst-of-10 "
-        f"{wc.get('worst_of_k', 0):.3f}, grid {wc.get('grid', 0):.3f}; {figures} figures in "
-        f"{out_dir}/*/figures"
-    )

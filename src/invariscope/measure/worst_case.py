@@ -31,7 +31,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +42,19 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from invariscope.engine import Analysis, AnalysisEntry, Batch, Part, register_analysis
+from invariscope.engine import run as run_analysis
+from invariscope.engine.execution import check_logits
+from invariscope.engine.random import uniform_per_image
 from invariscope.errors import InvariscopeError
-from invariscope.measure._sweep_core import check_logits, uniform_per_image
 
-__all__ = ["SpatialBudget", "WorstCaseResult", "worst_case_batch", "worst_case_spatial"]
+__all__ = [
+    "SpatialBudget",
+    "WorstCaseAnalysis",
+    "WorstCaseResult",
+    "worst_case_batch",
+    "worst_case_spatial",
+]
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,7 @@ def _transform(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 
 def _evaluate(
-    model: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
     params: torch.Tensor,
@@ -136,7 +145,7 @@ def _evaluate(
         chunk = params[:, s : s + c].transpose(0, 1).reshape(c * b, 3)  # point-major
         images = _transform(x.repeat(c, 1, 1, 1), chunk)
         labels = y.repeat(c)
-        logits = check_logits(model(images), c * b, num_classes, "worst-case spatial search")
+        logits = check_logits(forward(images), c * b, num_classes, "worst-case spatial search")
         probs = torch.softmax(logits.float(), dim=1)
         pred = probs.topk(1, dim=1).indices[:, 0]  # as the sweep's records
         correct[:, s : s + c] = (pred == labels).reshape(c, b).T
@@ -145,7 +154,7 @@ def _evaluate(
 
 
 def worst_case_batch(
-    model: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
     idx: torch.Tensor,
@@ -158,6 +167,7 @@ def worst_case_batch(
     """Per-image worst-case table of one batch (call under ``torch.inference_mode``).
 
     Args:
+        forward: the model, or an engine's ``ctx.forward``.
         x: images ``[B, C, H, W]`` in ``[0, 1]`` on the model's device; y: labels ``[B]``;
         idx: dataset indices ``[B]`` (they seed the random draws).
 
@@ -174,7 +184,7 @@ def worst_case_batch(
     params = torch.cat(
         [torch.zeros(b, 1, 3, dtype=torch.float64), draws, grid.expand(b, -1, -1)], dim=1
     ).to(dev)
-    correct, p_true = _evaluate(model, x, y, params, num_classes, forward_batch)
+    correct, p_true = _evaluate(forward, x, y, params, num_classes, forward_batch)
     k = budget.k
     grid_correct = correct[:, 1 + k :]
     grid_p = p_true[:, 1 + k :]
@@ -196,6 +206,109 @@ def worst_case_batch(
     )
 
 
+class WorstCaseAnalysis(Analysis):
+    """The worst-case search alone, as an engine analysis: one part per batch (``worst-<b>``)."""
+
+    name = "worst_case"
+    part_tables = ("worst_case",)
+    aggregate_tables = ("worst_case_summary", "classes")
+
+    def __init__(self, budget: SpatialBudget | Mapping[str, Any] | None = None) -> None:
+        if budget is None:
+            budget = SpatialBudget()
+        elif isinstance(budget, Mapping):
+            budget = SpatialBudget(**budget)
+        elif not isinstance(budget, SpatialBudget):
+            raise InvariscopeError(f"budget must be a SpatialBudget or a dict, got {budget!r}")
+        self.budget = budget
+
+    def config(self) -> dict[str, Any]:
+        return {"worst_case": self.budget.to_dict()}
+
+    def max_forward_batch(self, ctx) -> int:
+        return max(len(b) for b in ctx.batches["data"]) * (
+            1 + self.budget.k + len(self.budget.grid())
+        )
+
+    def work(self, ctx) -> int:
+        return len(ctx.indices["data"]) * (1 + self.budget.k + len(self.budget.grid()))
+
+    def plan(self, ctx) -> list[Part]:
+        from invariscope.runs.store import part_id
+
+        return [Part(part_id("worst", b), batch=b) for b in range(len(ctx.batches["data"]))]
+
+    def compute(self, part: Part, ctx, batch: Batch) -> dict[str, pd.DataFrame]:
+        table = worst_case_batch(
+            ctx.forward,
+            batch.x,
+            batch.y,
+            batch.index,
+            self.budget,
+            num_classes=ctx.num_classes,
+            forward_batch=ctx.forward_batch,
+            seed=ctx.seed,
+        )
+        return {"worst_case": table}
+
+    def aggregate(self, ctx) -> dict[str, pd.DataFrame]:
+        from invariscope.measure import aggregate as agg
+
+        names = ctx.classes["data"]
+        per_image = ctx.results.read_table(
+            "worst_case", columns=["label", *(f"{s}_correct" for s in agg.WORST_CASE_SETTINGS)]
+        )
+        return {
+            "worst_case_summary": agg.worst_case_summary(per_image),
+            "classes": pd.DataFrame(
+                {"label": np.arange(len(names), dtype=np.int64), "name": names}
+            ),
+        }
+
+    def summary(self, aggregates, ctx) -> dict[str, Any]:
+        wc = aggregates["worst_case_summary"]
+        overall = wc[wc["label"] == -1]
+        return {
+            "num_images": int(len(ctx.indices["data"])),
+            "budget": self.budget.describe(),
+            "worst_case": {r.setting: float(r.accuracy) for r in overall.itertuples(index=False)},
+        }
+
+
+register_analysis(
+    AnalysisEntry(
+        name="worst_case",
+        analysis=WorstCaseAnalysis,
+        title="Worst-case spatial robustness",
+        paper="Engstrom et al. 2019, Exploring the landscape of spatial robustness",
+        about=(
+            "Each image is rotated and translated within a budget and counted correct only if "
+            "the classifier is right for one random draw (random), for all of k random draws "
+            "(worst-of-k) or for every point of a grid over the budget (grid). The drop from "
+            "natural to grid accuracy is how much a small, adversarially chosen rigid motion "
+            "costs; intervals are 95% Wilson intervals over images."
+        ),
+        command="worst-case",
+        report_tables=("worst_case_summary",),
+        figures="invariscope.plots.sweep:render_sweep_run",
+        demo="invariscope.demo:worst_case_stage",
+        conformance=(
+            "--data",
+            "digits",
+            "--wc-grid",
+            "3x3",
+            "--wc-k",
+            "3",
+            "--images",
+            "40",
+            "--batch-size",
+            "8",
+        ),
+        figure_order=("worst_case",),
+    )
+)
+
+
 @dataclass
 class WorstCaseResult:
     """``per_image`` (see :func:`worst_case_batch`) and ``summary`` (``label, setting, n, accuracy``)."""
@@ -212,24 +325,23 @@ def worst_case_spatial(
     images: int | Sequence[int] | None = None,
     classes: Sequence[str | int] | None = None,
     batch_size: int = 128,
-    forward_batch: int | None = None,
+    forward_batch: int | str | None = "auto",
     seed: int = 0,
     device: str | torch.device | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
+    figures: bool | None = False,
+    **engine: Any,
 ) -> WorstCaseResult:
     """Natural / random / worst-of-k / grid accuracy under rotation x translation.
 
-    A thin front to :func:`invariscope.measure.sweep.sweep` with ``worst_case=budget``
-    and no one-parameter sweep (so it shares batching, resumption and checks).
+    Runs :class:`WorstCaseAnalysis` on the engine (resumable with ``out``, distributable;
+    ``engine`` takes the other options of :func:`invariscope.engine.run`).
     """
-    from invariscope.measure.sweep import sweep
-
-    result = sweep(
-        model,
-        dataset,
-        [],
-        worst_case=budget or SpatialBudget(),
+    result = run_analysis(
+        WorstCaseAnalysis(budget),
+        {"model": model},
+        {"data": dataset},
         images=images,
         classes=classes,
         batch_size=batch_size,
@@ -238,6 +350,7 @@ def worst_case_spatial(
         device=device,
         out=out,
         overwrite=overwrite,
-        figures=False,
+        figures=figures,
+        **engine,
     )
     return WorstCaseResult(result.table("worst_case"), result.aggregates["worst_case_summary"])

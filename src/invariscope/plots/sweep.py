@@ -2,14 +2,16 @@
 
 Tables (as written by :func:`invariscope.measure.sweep.sweep`):
 
-- ``accuracy``: ``transform, magnitude, n, accuracy, mean_p_true``;
+- ``accuracy``: ``transform, magnitude, n, accuracy, accuracy_low, accuracy_high,
+  mean_p_true`` (``accuracy_low/high``: the 95% Wilson interval; optional, runs written
+  before it was added lack it and are drawn without bands);
 - ``class_accuracy``: the same per ``label``;
 - ``softmax_curves``: ``transform, label, magnitude, series, class_index, mean_softmax,
   is_true_class`` (see :func:`invariscope.measure.aggregate.softmax_curves`);
 - ``thresholds``: ``transform, label, identity_accuracy, threshold_low, threshold_high``;
 - ``accuracy_2d``: ``transform_a, magnitude_a, transform_b, magnitude_b, n, accuracy,
   mean_p_true``;
-- ``worst_case_summary``: ``label, setting, n, accuracy``;
+- ``worst_case_summary``: ``label, setting, n, accuracy[, accuracy_low, accuracy_high]``;
 - ``classes``: ``label, name``; ``transforms``: ``transform, identity, unit``.
 
 Every figure is written as ``<name>.png`` (150 dpi) and ``<name>.svg``.
@@ -26,6 +28,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import rc_context
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 _PALETTE = [
     "#1f77b4",
@@ -92,6 +95,38 @@ def _axis_label(name: str, units: Mapping[str, str]) -> str:
     return f"{name} [{unit}]" if unit else name
 
 
+#: Legend text of the shaded accuracy bands.
+BAND_LABEL = "shaded: 95% Wilson interval"
+#: y-axis label of every accuracy axis.
+ACCURACY_LABEL = "top-1 accuracy [fraction of images]"
+
+
+def _has_interval(table: pd.DataFrame | None, column: str = "accuracy") -> bool:
+    return table is not None and {f"{column}_low", f"{column}_high"} <= set(table.columns)
+
+
+def _band(ax, sub: pd.DataFrame, colour: str, alpha: float, column: str = "accuracy") -> bool:
+    """Shade ``<column>_low .. <column>_high`` against magnitude; False when nothing drawn."""
+    if not _has_interval(sub, column) or len(sub) == 0:
+        return False
+    low = sub[f"{column}_low"].to_numpy(dtype=float)
+    high = sub[f"{column}_high"].to_numpy(dtype=float)
+    finite = np.isfinite(low) & np.isfinite(high)
+    if not finite.any():
+        return False
+    ax.fill_between(
+        sub["magnitude"].to_numpy(dtype=float),
+        low,
+        high,
+        where=finite,
+        color=colour,
+        alpha=alpha,
+        linewidth=0,
+        zorder=1,
+    )
+    return True
+
+
 def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
     cols = min(n, max_cols)
     return math.ceil(n / cols), cols
@@ -106,12 +141,21 @@ def plot_accuracy_curves(
     transforms: pd.DataFrame | None = None,
     max_classes: int = 10,
     name: str = "accuracy",
+    band_alpha: float = 0.18,
+    class_bands: bool | None = None,
+    max_class_bands: int = 3,
 ) -> list[Path]:
     """Top-1 accuracy vs magnitude, one panel per transformation.
 
     The overall curve is black; with ``class_accuracy`` and at most ``max_classes``
-    classes, each class adds a thin coloured curve. A dotted vertical line marks the
-    identity. Returns the written paths (PNG, SVG).
+    classes, each class adds a thin coloured curve. Where a table has
+    ``accuracy_low`` / ``accuracy_high`` (the 95% Wilson interval), the curves get a
+    shaded band of their own colour (opacity ``band_alpha``; 0 turns bands off): the
+    overall curve always, the class curves when ``class_bands`` is True, or by default
+    when at most ``max_class_bands`` classes are drawn (more overlapping bands hide
+    each other and the curves; the legend then says the band is the overall curve's).
+    Tables without those columns (older runs) are drawn without bands. A dotted
+    vertical line marks the identity. Returns the written paths (PNG, SVG).
     """
     names = _names(classes)
     units, identity = _units(transforms)
@@ -124,30 +168,45 @@ def plot_accuracy_curves(
         labels = sorted(int(v) for v in class_accuracy["label"].unique())
         if len(labels) > max_classes:
             labels = []
+    if class_bands is None:
+        class_bands = len(labels) <= max_class_bands
     handles = {}
+    banded = class_banded = False
     for ax, tname in zip(axes.flat, order, strict=False):
         for label in labels:
             sub = class_accuracy[
                 (class_accuracy["transform"] == tname) & (class_accuracy["label"] == label)
             ].sort_values("magnitude")
+            if class_bands and band_alpha > 0:
+                class_banded |= _band(ax, sub, _colour(label), band_alpha)
             (h,) = ax.plot(
                 sub["magnitude"], sub["accuracy"], lw=0.9, alpha=0.75, color=_colour(label)
             )
             handles.setdefault(f"class {_class_name(label, names)}", h)
         sub = accuracy[accuracy["transform"] == tname].sort_values("magnitude")
-        (h,) = ax.plot(sub["magnitude"], sub["accuracy"], color="black", lw=2.2, marker=".", ms=4)
+        if band_alpha > 0:
+            banded |= _band(ax, sub, "black", band_alpha)
+        (h,) = ax.plot(
+            sub["magnitude"], sub["accuracy"], color="black", lw=2.2, marker=".", ms=4, zorder=3
+        )
         handles.setdefault("all classes", h)
         if tname in identity:
             ax.axvline(identity[tname], color="grey", ls=":", lw=1)
         ax.set_ylim(-0.03, 1.03)
+        ax.locator_params(axis="x", nbins=6)  # 4-digit tick labels such as -150 stay apart
         ax.set_xlabel(_axis_label(tname, units))
-        ax.set_ylabel("top-1 accuracy")
+        ax.set_ylabel(ACCURACY_LABEL)
         ax.set_title(tname)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(order) :]:
         ax.set_visible(False)
     keys = ["all classes"] + [k for k in handles if k != "all classes"]
-    fig.legend([handles[k] for k in keys], keys, loc="outside right upper", fontsize=8)
+    legend_handles = [handles[k] for k in keys]
+    if banded or class_banded:
+        only_overall = labels and not class_banded
+        keys.append(BAND_LABEL + ("\n(all classes)" if only_overall else ""))
+        legend_handles.append(Patch(facecolor="black", alpha=band_alpha))
+    fig.legend(legend_handles, keys, loc="outside right upper", fontsize=8)
     fig.suptitle("Accuracy under each transformation")
     return _save(fig, Path(out_dir), name)
 
@@ -368,11 +427,25 @@ def plot_worst_case(
     name: str = "worst_case",
     budget: str | None = None,
 ) -> list[Path]:
-    """Bar chart of natural / random / worst-of-k / grid accuracy (Engstrom et al. 2019)."""
+    """Bar chart of natural / random / worst-of-k / grid accuracy (Engstrom et al. 2019).
+
+    Where ``summary`` has ``accuracy_low`` / ``accuracy_high`` (the 95% Wilson interval),
+    each bar gets an error bar spanning it and the value is printed above the error bar;
+    older tables without them are drawn without error bars.
+    """
     overall = summary[summary["label"] == -1].set_index("setting")
     settings = [s for s in ("natural", "random", "worst_of_k", "grid") if s in overall.index]
     values = [float(overall.loc[s, "accuracy"]) for s in settings]
-    fig = Figure(figsize=(5.2, 3.6), layout="constrained")
+    tops = values
+    yerr = None
+    if _has_interval(overall):
+        low = np.array([float(overall.loc[s, "accuracy_low"]) for s in settings])
+        high = np.array([float(overall.loc[s, "accuracy_high"]) for s in settings])
+        vals = np.array(values)
+        # NaN bounds (no images) draw no error bar
+        yerr = np.nan_to_num(np.stack([vals - low, high - vals]), nan=0.0).clip(min=0.0)
+        tops = list(np.where(np.isfinite(high), high, vals))
+    fig = Figure(figsize=(5.6, 4.4), layout="constrained")
     ax = fig.subplots()
     colours = {
         "natural": "#2ca02c",
@@ -392,21 +465,37 @@ def plot_worst_case(
         color=[colours[s] for s in settings],
         label=[meaning[s] for s in settings],
     )
-    for bar, value in zip(bars, values, strict=True):
+    if yerr is not None:
+        ax.errorbar(
+            [bar.get_x() + bar.get_width() / 2 for bar in bars],
+            values,
+            yerr=yerr,
+            fmt="none",
+            ecolor="black",
+            elinewidth=1.2,
+            capsize=5,
+            label="error bars: 95% Wilson interval",
+        )
+    for bar, value, top in zip(bars, values, tops, strict=True):
         ax.text(
             bar.get_x() + bar.get_width() / 2,
-            value + 0.01,
+            top + 0.015,
             f"{value:.3f}",
             ha="center",
             va="bottom",
             fontsize=9,
         )
-    ax.set_ylim(0, 1.35)
+    ax.set_ylim(0, 1.12)  # room for the value printed above a bar at 1
     ax.set_yticks(np.linspace(0, 1, 6))
-    ax.set_ylabel("top-1 accuracy [fraction of images]")
+    ax.set_ylabel(ACCURACY_LABEL)
     ax.set_xlabel("evaluation (rotation + translation)")
-    ax.legend(loc="upper right", fontsize=7)
-    ax.set_title("Worst-case spatial accuracy" + (f" ({budget})" if budget else ""))
+    # below the axes: inside, it would cover the bars and values near 1
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=7)
+    n = int(overall["n"].iloc[0]) if "n" in overall.columns and len(overall) else None
+    title = "Worst-case spatial accuracy" + (f" ({budget})" if budget else "")
+    if n is not None:
+        title += f"\n{n} images"
+    ax.set_title(title, fontsize=10)
     return _save(fig, Path(out_dir), name)
 
 

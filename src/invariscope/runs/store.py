@@ -677,18 +677,26 @@ class RunStore:
         _atomic_json(self.run_dir / META, meta, self.rank)
         return meta
 
-    def write_part(self, part_id: str, tables: Mapping[str, pd.DataFrame | pa.Table]) -> None:
-        """Write the tables of one part, then its done marker.
+    def write_part(
+        self,
+        part_id: str,
+        tables: Mapping[str, pd.DataFrame | pa.Table],
+        blobs: Mapping[str, bytes] | None = None,
+    ) -> None:
+        """Write the tables (and binary blobs) of one part, then its done marker.
 
         Args:
             part_id: the part (see :func:`part_id`); it must not be done already.
             tables: ``{table_name: DataFrame}``; may be empty (the part produced
                 nothing but counts as done). Tables of different parts with the same
                 name are concatenated by :meth:`read_table`.
+            blobs: ``{name: bytes}`` stored as ``<name>.bin`` in the part (fitted maps,
+                trained weights), read back with :meth:`read_blob`.
         """
         self._require_writer("write a part")
         pid = _check_part_id(part_id)
         arrow = {_check_name("table", n): _to_arrow(n, t) for n, t in tables.items()}
+        blobs = {_check_name("blob", n): bytes(b) for n, b in (blobs or {}).items()}
         if self.is_done(pid):
             raise InvariscopeError(
                 f"part {pid!r} of run '{self.run_dir}' is already done; skip done parts "
@@ -702,9 +710,12 @@ class RunStore:
         _fsync_dir(folder.parent)
         for name, table in arrow.items():
             _atomic_parquet(folder / f"{name}.parquet", table, self.rank)
+        for name, data in blobs.items():
+            _atomic_write(folder / f"{name}.bin", lambda f, d=data: f.write(d), self.rank)
         marker = {
             "part_id": pid,
             "tables": {name: table.num_rows for name, table in arrow.items()},
+            "blobs": {name: len(data) for name, data in blobs.items()},
             "rank": self.rank,
             "finished": _now(),
         }
@@ -863,6 +874,19 @@ class RunStore:
                 filters=expression,
             )
             yield pid, table.to_pandas()
+
+    def read_blob(self, part_id: str, name: str) -> bytes:
+        """The blob ``name`` that done part ``part_id`` stored (see :meth:`write_part`)."""
+        pid = _check_part_id(part_id)
+        if not self.is_done(pid):
+            raise InvariscopeError(
+                f"part {pid!r} of run '{self.run_dir}' is not done; run the analysis first"
+            )
+        path = self.run_dir / PARTS / pid / f"{_check_name('blob', name)}.bin"
+        if not path.is_file():
+            marker = _read_json(self.run_dir / PARTS / pid / DONE)
+            raise unknown_name(f"blob of part {pid!r}", name, marker.get("blobs", {}))
+        return path.read_bytes()
 
     def read_aggregate(self, name: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Read ``aggregates/<name>.parquet``."""

@@ -12,6 +12,7 @@ Convention:
     maps, see :mod:`invariscope.transforms.warp`). Warps fill with zeros by default,
     photometric steps clamp to ``[0, 1]`` by default. A single discrete step (flip,
     rot90), or a run of discrete steps only, is applied exactly (no interpolation).
+    Odd ``rot90`` turns of non-square images are refused, fused or not, as by ``rot90``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from invariscope.errors import InvariscopeError
+from invariscope.transforms.geometric import check_rot90_shape
 from invariscope.transforms.registry import (
     TransformSpec,
     check_images,
@@ -87,6 +89,10 @@ def compose(images: torch.Tensor, steps: Sequence[Step], **options: Any) -> torc
         ``padding_mode`` become ONE warp by the product of their matrices (zeros fill
         by default); photometric steps break a run and clamp to ``[0, 1]`` by default.
 
+    Raises:
+        InvariscopeError: for a ``rot90`` step with odd k on non-square images (as
+            ``rot90`` itself), also when it would be fused into a warp.
+
     >>> import torch
     >>> x = torch.rand(1, 1, 9, 9)
     >>> y = compose(x, [("rotation", 30.0), ("zoom", 1.5), ("zoom", 1 / 1.5), ("rotation", -30.0)])
@@ -96,6 +102,15 @@ def compose(images: torch.Tensor, steps: Sequence[Step], **options: Any) -> torc
     check_images("compose", images)
     _check_shared_options(options)
     parsed = _parse_steps(steps)
+    H, W = images.shape[-2:]
+    for i, (spec, magnitude, _) in enumerate(parsed):
+        # a fused warp would otherwise turn a non-square image by 90 degrees into its
+        # own frame (cut off and zero-filled) where rot90 alone refuses it
+        if spec.name == "rot90":
+            if magnitude is None:
+                magnitude = spec.default_magnitude
+            k = prepare_magnitude(spec.name, images, magnitude)
+            check_rot90_shape(k, H, W, who=f"compose: rot90 (step {i})")
     run: list[tuple[TransformSpec, Any, dict[str, Any]]] = []
     run_key: tuple[str, str] | None = None
     out = images

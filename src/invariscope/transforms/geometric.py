@@ -344,6 +344,21 @@ def vflip(
     return torch.where(flip, images.flip(-2), images)
 
 
+def check_rot90_shape(k: torch.Tensor, H: int, W: int, who: str = "rot90") -> None:
+    """Refuse odd quarter turns ``k`` ``[B]`` of non-square ``H x W`` images.
+
+    ``rot90`` keeps the input's shape, so an odd turn of a non-square image has no exact
+    same-size result (as a warp, part of it would be cut off and the rest zero-filled).
+    ``k`` is rounded as :func:`rot90` rounds it; ``who`` starts the error message.
+    """
+    turns = torch.round(k.detach()).long() % 4
+    if H != W and bool((turns % 2 == 1).any()):
+        raise InvariscopeError(
+            f"{who}: odd k needs square images, got {H}x{W}; use k in {{0, 2}} or "
+            "rotation by 90 degrees (a same-size warp)"
+        )
+
+
 def rot90(
     images: torch.Tensor, magnitude: Any = 1, *, mode: str = "bilinear", padding_mode: str = "zeros"
 ) -> torch.Tensor:
@@ -363,14 +378,10 @@ def rot90(
     """
     m = prepare_magnitude("rot90", images, magnitude)
     check_warp_options("rot90", mode, padding_mode)
+    H, W = images.shape[-2:]
+    check_rot90_shape(m, H, W)
     k = torch.round(m.detach()).long() % 4
     present = sorted(set(k.tolist()))
-    H, W = images.shape[-2:]
-    if H != W and any(q % 2 for q in present):
-        raise InvariscopeError(
-            f"rot90: odd k needs square images, got {H}x{W}; use k in {{0, 2}} or "
-            "rotation by 90 degrees (a same-size warp)"
-        )
     if len(present) == 1:
         return torch.rot90(images, present[0], dims=(-2, -1))
     out = images

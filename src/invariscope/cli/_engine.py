@@ -1,0 +1,224 @@
+"""The options every analysis command shares, and how a command runs its analysis.
+
+``@engine_options`` adds ``--model``, ``--weights``, ``--data``, ``--split``, ``--images``,
+``--classes``, ``--batch-size``, ``--seed``, ``--device``, ``--workers``, ``--out``,
+``--overwrite``, ``--timeout``, ``--no-figures``, ``--no-progress``, ``--forward-batch``,
+``--memory-format`` and ``--amp`` to a command; :func:`run_analysis_command` loads the
+model and data, joins the ``torchrun`` process group when there is one, and runs the
+analysis on the engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+COMMON = (
+    "model_spec",
+    "weights",
+    "data_spec",
+    "split",
+    "images",
+    "classes",
+    "batch_size",
+    "seed",
+    "device",
+    "workers",
+    "out",
+    "overwrite",
+    "timeout",
+    "no_figures",
+    "no_progress",
+    "forward_batch",
+    "memory_format",
+    "amp",
+)
+
+
+def _forward_batch(ctx, param, value):
+    if value is None or value == "auto":
+        return "auto"
+    try:
+        number = int(value)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not 'auto' or a whole number") from None
+    if number < 1:
+        raise click.BadParameter(f"must be 'auto' or at least 1, got {number}")
+    return number
+
+
+_OPTIONS = [
+    click.option(
+        "--model",
+        "model_spec",
+        required=True,
+        help="Checkpoint path, registered name, package.module:factory, torchvision:NAME or "
+        "timm:NAME.",
+    ),
+    click.option(
+        "--weights",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Weights file for a registry name, module:factory, torchvision or timm model.",
+    ),
+    click.option(
+        "--data",
+        "data_spec",
+        required=True,
+        help="Dataset name or path (see 'invariscope datasets').",
+    ),
+    click.option(
+        "--split", default="test", show_default=True, type=click.Choice(["train", "test"])
+    ),
+    click.option(
+        "--images",
+        default=None,
+        type=click.IntRange(min=1),
+        help="Measure a seeded random subset of N images (default: all).",
+    ),
+    click.option(
+        "--classes",
+        default=None,
+        metavar="C1,C2,...",
+        help="Only images of these classes (names or indices).",
+    ),
+    click.option(
+        "--batch-size",
+        default=128,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Images per part (the unit of resumption and of distribution).",
+    ),
+    click.option(
+        "--seed",
+        default=0,
+        show_default=True,
+        type=click.IntRange(min=0),
+        help="Seeds the image subset and every random draw of the analysis.",
+    ),
+    click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps."),
+    click.option(
+        "--workers",
+        default=0,
+        show_default=True,
+        type=click.IntRange(min=0),
+        help="DataLoader worker processes for datasets read from files.",
+    ),
+    click.option(
+        "--out",
+        required=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Run directory (resumed if it holds the same configuration).",
+    ),
+    click.option("--overwrite", is_flag=True, help="Discard the results already in --out."),
+    click.option(
+        "--timeout",
+        default=1800.0,
+        show_default=True,
+        type=float,
+        help="Distributed runs (torchrun): seconds a rank waits for the others.",
+    ),
+    click.option("--no-figures", is_flag=True, help="Write tables only."),
+    click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
+    click.option(
+        "--forward-batch",
+        default="auto",
+        show_default=True,
+        callback=_forward_batch,
+        metavar="auto|N",
+        help="Most images per forward pass; auto times a few sizes on the real model and "
+        "device and keeps the fastest per image.",
+    ),
+    click.option(
+        "--memory-format",
+        default="auto",
+        show_default=True,
+        type=click.Choice(["auto", "contiguous", "channels_last"]),
+        help="auto keeps channels_last where the pre-flight finds it faster.",
+    ),
+    click.option(
+        "--amp",
+        is_flag=True,
+        help="Autocast the forward passes (float16 on CUDA, bfloat16 on the CPU).",
+    ),
+]
+
+
+def engine_options(command):
+    """Add the common options of every analysis command (see the module docstring)."""
+    for option in reversed(_OPTIONS):
+        command = option(command)
+    return command
+
+
+def split_list(text: str | None) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def pop_common(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Remove the common options from a command's ``kwargs`` and return them."""
+    return {name: kwargs.pop(name) for name in COMMON}
+
+
+def run_analysis_command(analysis, common: dict[str, Any], *, options: dict | None = None):
+    """Load the model and data named by ``common``, and run ``analysis`` on the engine.
+
+    Under ``torchrun`` this process joins the process group first (``gloo`` on the CPU,
+    ``nccl`` with ``--device cuda``, where process i uses ``cuda:LOCAL_RANK``) and
+    leaves it at the end.
+    """
+    from invariscope.data import create_dataset
+    from invariscope.engine import run
+    from invariscope.engine.distributed import init_distributed, rank_device
+    from invariscope.engine.execution import resolve_device
+    from invariscope.errors import InvariscopeError
+    from invariscope.models import load_model
+    from invariscope.runs.store import rank_from_env
+
+    if not common["timeout"] > 0:
+        raise InvariscopeError(f"--timeout must be positive, got {common['timeout']:g}")
+    rank, world_size = rank_from_env()
+    dev = rank_device(resolve_device(common["device"]), rank, world_size)
+    model_spec, weights = common["model_spec"], common["weights"]
+    data_spec, split = common["data_spec"], common["split"]
+    models = {"model": load_model(model_spec, weights)} if analysis.models else {}
+    datasets = {"data": create_dataset(data_spec, split=split)} if analysis.datasets else {}
+    started = init_distributed(dev, timeout=common["timeout"])
+    try:
+        return run(
+            analysis,
+            models,
+            datasets,
+            images=common["images"],
+            classes=split_list(common["classes"]) if common["classes"] else None,
+            batch_size=common["batch_size"],
+            seed=common["seed"],
+            device=dev,
+            forward_batch=common["forward_batch"],
+            memory_format=common["memory_format"],
+            amp=common["amp"],
+            out=common["out"],
+            overwrite=common["overwrite"],
+            figures=not common["no_figures"],
+            progress=not common["no_progress"],
+            num_workers=common["workers"],
+            rank=rank,
+            world_size=world_size,
+            timeout=common["timeout"],
+            meta={
+                "model_spec": model_spec
+                if weights is None
+                else f"{model_spec} (weights {weights})",
+                "data_spec": f"{data_spec}:{split}" if split != "test" else data_spec,
+                **(options or {}),
+            },
+            options=options,
+        )
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()

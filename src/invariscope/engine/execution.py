@@ -1,0 +1,324 @@
+"""How a run executes forward passes: device, forward batch, memory format, autocast.
+
+The pre-flight (:func:`preflight`) runs the model once on the first images and checks
+its logits before anything is written. :func:`tune` then times a few forward-batch
+sizes and both memory formats on the real model and device and keeps the fastest per
+image (``--forward-batch auto``, the default). The choice is an :class:`Execution`,
+recorded in the run directory and reused on resume and by every rank, so that a run's
+tables do not depend on timing noise.
+
+:class:`Forward` is what analyses call to run a model: it splits the images into
+chunks of the forward batch, applies the memory format and autocast, and when a chunk
+runs out of GPU memory it retries at half the size and keeps the smaller size for the
+rest of the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from invariscope.errors import InvariscopeError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Execution",
+    "Forward",
+    "check_logits",
+    "is_out_of_memory",
+    "model_device",
+    "model_fingerprint",
+    "resolve_device",
+    "tune",
+]
+
+#: Forward-batch sizes tried by ``auto`` (capped by what the analysis can use).
+CANDIDATES = {"cpu": (8, 16, 32, 64, 128, 256, 512), "cuda": tuple(2**k for k in range(3, 13))}
+
+#: channels_last is kept only when it is at least this much faster than contiguous,
+#: so that near-ties (timing noise) do not flip the choice between runs.
+CHANNELS_LAST_GAIN = 1.2
+
+#: A larger forward batch is kept only when it is at least this much faster per image.
+BATCH_GAIN = 1.03
+
+#: Tuning stops growing the batch once one forward pass takes this long (seconds).
+MAX_TUNING_FORWARD = 1.0
+
+
+# ------------------------------------------------------------------------ the model
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A usable device; unknown names and missing GPUs are one-line errors."""
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, ValueError, TypeError):
+        raise InvariscopeError(
+            f"--device '{device}' is not a device; use cpu, cuda, cuda:1 or mps"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvariscopeError(
+                "--device cuda asked for, but no CUDA GPU is available; use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvariscopeError(
+                f"--device {dev} does not exist: this machine has {torch.cuda.device_count()} "
+                "GPU(s); use cuda:0 or leave the index out"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InvariscopeError("--device mps asked for, but MPS is not available; use cpu")
+    elif dev.type != "cpu":
+        raise InvariscopeError(f"--device '{device}' is not supported; use cpu, cuda or mps")
+    return dev
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU when it has none)."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's class name and ``state_dict`` (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_logits(logits: object, batch: int, num_classes: int, where: str) -> torch.Tensor:
+    """Return ``logits`` if it is a finite float tensor ``[batch, num_classes]``, else raise."""
+    if not isinstance(logits, torch.Tensor):
+        raise InvariscopeError(
+            f"the model returned {type(logits).__name__}, not a logits tensor "
+            f"[B, {num_classes}]; wrap it so that forward returns the logits only"
+        )
+    if logits.dim() != 2 or logits.shape[0] != batch:
+        raise InvariscopeError(
+            f"the model output has shape {list(logits.shape)} for a batch of {batch}; it must be "
+            f"logits [B, num_classes] = [{batch}, {num_classes}] (flatten or select the logits)"
+        )
+    if logits.shape[1] != num_classes:
+        raise InvariscopeError(
+            f"the model outputs {logits.shape[1]} classes but the dataset has {num_classes}; "
+            "use a model trained on this dataset (or a dataset with matching classes)"
+        )
+    if not torch.isfinite(logits).all():
+        bad = "NaN" if torch.isnan(logits).any() else "infinite"
+        raise InvariscopeError(
+            f"the model returned {bad} logits ({where}); check the model weights and its "
+            "input normalisation"
+        )
+    return logits
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for the error a device raises when a batch does not fit in its memory."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(err, oom) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    )
+
+
+# -------------------------------------------------------------------- execution
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How forward passes run (recorded in ``meta.json`` as ``execution``).
+
+    Attributes:
+        forward_batch: most images per forward pass.
+        channels_last: run the model and its inputs in ``torch.channels_last``.
+        amp: autocast (float16 on CUDA, bfloat16 on the CPU).
+        tuned: True when forward_batch / memory format were chosen by timing.
+        ms_per_image: the timings behind the choice, ``{"<format>@<batch>": ms}``.
+    """
+
+    forward_batch: int
+    channels_last: bool = False
+    amp: bool = False
+    tuned: bool = False
+    ms_per_image: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Execution:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def _autocast(device: torch.device, amp: bool):
+    if not amp:
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _as_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _time_forward(model: nn.Module, x: torch.Tensor, amp: bool, repeats: int = 2) -> float:
+    """Best wall time of ``repeats`` forward passes (after one warm-up), in seconds."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    with torch.inference_mode(), _autocast(x.device, amp):
+        model(x)
+        sync()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def tune(
+    model: nn.Module,
+    sample: torch.Tensor,
+    *,
+    forward_batch: int | str = "auto",
+    memory_format: str = "auto",
+    amp: bool = False,
+    cap: int | None = None,
+) -> Execution:
+    """Choose the forward batch and memory format by timing ``model`` on ``sample``.
+
+    Args:
+        sample: real images ``[b, C, H, W]`` on the run's device (repeated to each size).
+        forward_batch: ``"auto"`` (time the sizes of :data:`CANDIDATES`, keep the fastest
+            per image; on a GPU the largest that fits and still gains) or a fixed size.
+        memory_format: ``"auto"`` (try ``channels_last`` too and keep it only when it is
+            :data:`CHANNELS_LAST_GAIN` times faster), ``"contiguous"`` or ``"channels_last"``.
+        cap: the most images a forward pass of the analysis can hold (sizes above are
+            not tried).
+    """
+    device = sample.device
+    fixed = None if forward_batch == "auto" else int(forward_batch)
+    formats = {"auto": (False, True), "contiguous": (False,), "channels_last": (True,)}[
+        memory_format
+    ]
+    if sample.dim() != 4:
+        formats = (False,)
+    if fixed is not None and len(formats) == 1:
+        return Execution(fixed, formats[0], amp, tuned=False)
+    sizes = [fixed] if fixed is not None else list(CANDIDATES.get(device.type, CANDIDATES["cpu"]))
+    if cap is not None and fixed is None:
+        sizes = [s for s in sizes if s < cap] + [cap]
+        sizes = sorted(set(s for s in sizes if s >= 1))
+    timings: dict[str, float] = {}
+    best: dict[bool, tuple[float, int]] = {}
+    for channels_last in formats:
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        try:
+            stale = 0
+            for size in sizes:
+                reps = -(-size // sample.shape[0])
+                x = _as_format(sample.repeat(reps, 1, 1, 1)[:size], channels_last)
+                try:
+                    seconds = _time_forward(model, x, amp)
+                except Exception as err:
+                    if not is_out_of_memory(err):
+                        raise
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    break
+                per_image = seconds / size
+                timings[f"{'channels_last' if channels_last else 'contiguous'}@{size}"] = round(
+                    per_image * 1e3, 4
+                )
+                if channels_last not in best or per_image * BATCH_GAIN < best[channels_last][0]:
+                    best[channels_last] = (per_image, size)
+                    stale = 0
+                else:
+                    stale += 1
+                if stale >= 2 or seconds > MAX_TUNING_FORWARD:
+                    break
+        finally:
+            if channels_last:
+                model.to(memory_format=torch.contiguous_format)
+    if not best:
+        raise InvariscopeError(
+            "the model ran out of memory on every forward batch tried; use a smaller "
+            "--forward-batch or another device"
+        )
+    use_cl = False
+    if True in best and False in best:
+        use_cl = best[True][0] * CHANNELS_LAST_GAIN <= best[False][0]
+    elif True in best:
+        use_cl = True
+    size = fixed if fixed is not None else best[use_cl][1]
+    return Execution(size, use_cl, amp, tuned=True, ms_per_image=timings)
+
+
+class Forward:
+    """Runs the models of a run the way its :class:`Execution` says.
+
+    ``forward(images, model="model")`` returns the float32 outputs of ``images`` (any
+    number), computed in chunks of at most ``forward_batch`` images. A chunk that runs
+    out of device memory is retried at half the size; the smaller size is kept.
+    """
+
+    def __init__(self, models: dict[str, nn.Module], execution: Execution) -> None:
+        self.models = models
+        self.execution = execution
+        self.forward_batch = execution.forward_batch
+        self.retries = 0
+
+    def __call__(self, images: torch.Tensor, model: str = "model") -> torch.Tensor:
+        net = self.models[model]
+        n = images.shape[0]
+        outputs: list[torch.Tensor] = []
+        start = 0
+        while start < n:
+            chunk = images[start : start + self.forward_batch]
+            try:
+                with _autocast(images.device, self.execution.amp):
+                    out = net(_as_format(chunk, self.execution.channels_last))
+            except Exception as err:
+                if not is_out_of_memory(err) or self.forward_batch == 1:
+                    raise
+                self.forward_batch = max(1, self.forward_batch // 2)
+                self.retries += 1
+                log.warning(
+                    "out of memory at a forward batch of %d images; retrying at %d",
+                    chunk.shape[0],
+                    self.forward_batch,
+                )
+                if images.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            outputs.append(out.float() if isinstance(out, torch.Tensor) else out)
+            start += chunk.shape[0]
+        if len(outputs) == 1 or not all(isinstance(o, torch.Tensor) for o in outputs):
+            return outputs[0] if len(outputs) == 1 else outputs
+        return torch.cat(outputs)
+
+    def set_format(self, channels_last: bool, names: Sequence[str] | None = None) -> None:
+        """Put the models (all, or ``names``) into the execution's memory format or back."""
+        if not self.execution.channels_last:
+            return
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        for name in names or list(self.models):
+            self.models[name].to(memory_format=fmt)
