@@ -195,7 +195,7 @@ def sweep_stage(ctx: DemoContext) -> str:
 
 def worst_case_stage(ctx: DemoContext) -> str:
     """Demo stage of the ``worst_case`` analysis: Engstrom et al.'s grid (31 angles x 5 x 5
-    shifts, k = 10) within +-30 deg and +-3 px (for 28 px) on 60 test images."""
+    shifts, k = 10) within +-30 deg and +-3 px (for 28 px) on 30 test images."""
     from invariscope.measure.worst_case import SpatialBudget, worst_case_spatial
 
     h = int(ctx.test_set[0][0].shape[-1])
@@ -204,7 +204,7 @@ def worst_case_stage(ctx: DemoContext) -> str:
         ctx.model,
         ctx.test_set,
         budget,
-        images=min(60, len(ctx.test_set)),
+        images=min(30, len(ctx.test_set)),
         out=ctx.out_dir / "worst_case",
         overwrite=True,
         figures=True,

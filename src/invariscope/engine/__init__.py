@@ -18,6 +18,7 @@ from invariscope.engine.registry import (
     register_analysis,
 )
 from invariscope.engine.runner import RunResult, run
+from invariscope.runs.store import part_id
 
 __all__ = [
     "Analysis",
@@ -33,6 +34,7 @@ __all__ = [
     "get_analysis",
     "list_analyses",
     "model_fingerprint",
+    "part_id",
     "register_analysis",
     "run",
     "uniform_per_image",

@@ -28,6 +28,7 @@ from invariscope.errors import InvariscopeError, unknown_name
 
 __all__ = [
     "AnalysisEntry",
+    "find_analysis",
     "get_analysis",
     "list_analyses",
     "load_hook",
@@ -112,6 +113,12 @@ def get_analysis(name: str) -> AnalysisEntry:
         return _REGISTRY[name]
     except KeyError:
         raise unknown_name("analysis", str(name), _REGISTRY) from None
+
+
+def find_analysis(name: str) -> AnalysisEntry | None:
+    """The entry of analysis ``name``, or None when it is not registered."""
+    _load_builtins()
+    return _REGISTRY.get(name)
 
 
 def list_analyses() -> list[AnalysisEntry]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -71,21 +72,43 @@ MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 #: Forward batch when it is not tuned, per device type.
 DEFAULT_FORWARD_BATCH = {"cpu": 256, "cuda": 1024, "mps": 512}
 
-#: Runs that need fewer forward FLOPs than this are not tuned (a few seconds of work).
-MIN_TUNING_FLOPS = {"cpu": 1e11, "cuda": 1e13, "mps": 1e12}
+#: Runs that need fewer forward FLOPs than this are not tuned: tuning costs a few seconds,
+#: which only runs of about 10 s of forward passes or more win back (2 CPU cores: 40-100
+#: GFLOP/s on small convolutional nets).
+MIN_TUNING_FLOPS = {"cpu": 1e12, "cuda": 1e13, "mps": 1e12}
 
 
 def _flops_per_image(model: nn.Module, image: torch.Tensor) -> float:
-    """Forward FLOPs of one image (convolutions and matrix products), counted exactly."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Forward FLOPs of one image in the model's convolutions and linear layers.
 
+    Counted with forward hooks (2 x multiply-adds: a convolution's output elements times
+    its ``in_channels / groups x kernel size``, a linear layer's output elements times
+    ``in_features``): exact for those layers, deterministic, and one forward pass of one
+    image. Only the tuning decision uses it.
+    """
+    total = [0.0]
+
+    def count(module, inputs, output):
+        if not isinstance(output, torch.Tensor):
+            return
+        if isinstance(module, nn.modules.conv._ConvNd):
+            per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+        else:
+            per_output = module.in_features
+        total[0] += 2.0 * output.numel() * per_output
+
+    hooks = [
+        m.register_forward_hook(count)
+        for m in model.modules()
+        if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)
+    ]
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.inference_mode():
             model(image)
-    except Exception:  # a model the counter cannot trace: count it as small
-        log.debug("could not count the FLOPs of %s", type(model).__name__, exc_info=True)
-        return 0.0
-    return float(counter.get_total_flops())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total[0]
 
 
 # ---------------------------------------------------------------------------- result
@@ -212,7 +235,7 @@ def _choose_execution(
     Tuning costs a few forward passes; it is skipped (defaults: contiguous, the
     device's default forward batch) when the whole run needs fewer floating-point
     operations than :data:`MIN_TUNING_FLOPS` (the analysis's ``work`` times the FLOPs of
-    one image, counted by ``torch.utils.flop_counter``). The count, unlike a timing, is
+    one image, see :func:`_flops_per_image`). The count, unlike a timing, is
     the same in every process, so two runs of the same small configuration always run
     alike.
     """
@@ -227,7 +250,7 @@ def _choose_execution(
     work = analysis.work(ctx)
     if work is not None:
         flops = work * _flops_per_image(ctx.model, sample[:1])
-        if flops < MIN_TUNING_FLOPS.get(ctx.device.type, MIN_TUNING_FLOPS["cuda"]):
+        if flops < MIN_TUNING_FLOPS.get(ctx.device.type, 1e13):
             return plain
     return tune(
         ctx.model,
@@ -685,9 +708,10 @@ def _run(
         store.write_aggregate(table_name, table)
     drawn: list[Path] = []
     if out is not None and (figures if figures is not None else True):
-        from invariscope.engine.registry import get_analysis
+        from invariscope.engine.registry import find_analysis
 
-        render = get_analysis(analysis.name).render()
+        entry = find_analysis(analysis.name)  # an unregistered analysis has no figures
+        render = None if entry is None else entry.render()
         if render is not None:
             drawn = list(render(Path(out), store.path("figures")))
     if out is not None:

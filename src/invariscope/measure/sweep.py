@@ -62,7 +62,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from invariscope.engine import Analysis, AnalysisEntry, Batch, Part, RunResult, register_analysis
+from invariscope.engine import (
+    Analysis,
+    AnalysisEntry,
+    Batch,
+    Part,
+    RunResult,
+    part_id,
+    register_analysis,
+)
 from invariscope.engine import run as run_analysis
 from invariscope.errors import InvariscopeError
 from invariscope.measure import aggregate as agg
@@ -469,8 +477,6 @@ class SweepAnalysis(Analysis):
         return len(ctx.indices["data"]) * per_image
 
     def plan(self, ctx) -> list[Part]:
-        from invariscope.runs.store import part_id
-
         parts = []
         for b in range(len(ctx.batches["data"])):
             for n in self.spec.transforms:

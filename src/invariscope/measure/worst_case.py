@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from invariscope.engine import Analysis, AnalysisEntry, Batch, Part, register_analysis
+from invariscope.engine import Analysis, AnalysisEntry, Batch, Part, part_id, register_analysis
 from invariscope.engine import run as run_analysis
 from invariscope.engine.execution import check_logits
 from invariscope.engine.random import uniform_per_image
@@ -234,8 +234,6 @@ class WorstCaseAnalysis(Analysis):
         return len(ctx.indices["data"]) * (1 + self.budget.k + len(self.budget.grid()))
 
     def plan(self, ctx) -> list[Part]:
-        from invariscope.runs.store import part_id
-
         return [Part(part_id("worst", b), batch=b) for b in range(len(ctx.batches["data"]))]
 
     def compute(self, part: Part, ctx, batch: Batch) -> dict[str, pd.DataFrame]:
