@@ -430,3 +430,21 @@ def test_render_redraws_a_stored_run(tmp_path, capsys):
     assert (out / "figures" / "worst_case.png").stat().st_size > 10_000
     assert cli(["render", str(tmp_path)]) == 2
     assert "not an invariscope run directory" in capsys.readouterr().err
+
+
+def test_readme_analysis_example_runs_and_is_right():
+    """The "Writing an analysis" example of the README, run as printed."""
+    import re
+
+    from invariscope.data import create_dataset
+    from invariscope.engine.selection import select_indices
+
+    readme = (SRC.parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "MeanPixel" in b)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    data = create_dataset("digits", "test")
+    chosen = select_indices(data, images=50, classes=None, seed=0)
+    expected = data.images[chosen].mean(dim=(1, 2, 3)).double().mean().item()
+    assert scope["res"].table("mean")["mean"].iloc[0] == pytest.approx(expected, rel=1e-6)
+    assert len(scope["res"].table("pixels")) == 50
