@@ -448,3 +448,35 @@ def test_readme_analysis_example_runs_and_is_right():
     expected = data.images[chosen].mean(dim=(1, 2, 3)).double().mean().item()
     assert scope["res"].table("mean")["mean"].iloc[0] == pytest.approx(expected, rel=1e-6)
     assert len(scope["res"].table("pixels")) == 50
+
+
+class Agreement(Analysis):
+    """Two models: per image, whether their top-1 predictions agree (as stitching will)."""
+
+    name = "agreement_test"
+    models = ("a", "b")
+    classifier = False
+    part_tables = ("agree",)
+
+    def plan(self, ctx):
+        return [Part(part_id("agree", b), batch=b) for b in range(len(ctx.batches["data"]))]
+
+    def compute(self, part, ctx, batch):
+        pa = ctx.forward(batch.x, model="a").argmax(1)
+        pb = ctx.forward(batch.x, model="b").argmax(1)
+        return {"agree": pd.DataFrame({"index": batch.index.numpy(), "same": (pa == pb).cpu()})}
+
+
+def test_two_models_one_run(tmp_path, test_set):
+    a, b = Tiny(), Tiny()
+    with torch.no_grad():
+        b.fc.bias += 100 * torch.eye(10)[3]  # b always says 3
+    res = run(Agreement(), {"a": a, "b": b}, test_set, images=40, out=tmp_path / "run")
+    same = res.table("agree")["same"].to_numpy()
+    with torch.no_grad():
+        index = torch.tensor(res.table("agree")["index"].to_numpy())
+        says_3 = a(test_set.images[index]).argmax(1) == 3
+    assert np.array_equal(same, says_3.numpy())
+    config = RunStore.open(tmp_path / "run").config
+    assert set(config["models"]) == {"a", "b"} and "model" not in config
+    assert config["models"]["a"]["fingerprint"] != config["models"]["b"]["fingerprint"]

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from invariscope.data.batches import iter_batches
+from invariscope.engine.execution import resolve_device  # noqa: F401 - re-exported
 from invariscope.errors import InvariscopeError
 from invariscope.transforms import get_transform
 
@@ -47,18 +48,6 @@ class TrainResult:
     test_accuracy: float
     history: pd.DataFrame = field(repr=False)
     config: dict = field(default_factory=dict)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """Return a usable device; ``cuda`` without a GPU is a one-line error."""
-    dev = torch.device(device or "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvariscopeError(
-            "--device cuda asked for, but no CUDA GPU is available; use --device cpu"
-        )
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InvariscopeError("--device mps asked for, but MPS is not available; use --device cpu")
-    return dev
 
 
 def augment_batch(
