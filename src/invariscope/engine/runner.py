@@ -298,12 +298,13 @@ def _wait_for_execution(store, config_hash: str, timeout: float) -> Execution:
         time.sleep(0.05)
 
 
-def _collective(group, fn, what: str):
-    """Run ``fn`` on this rank, then meet the others; everyone learns of a failure."""
+def _collective(group, fn, what: str = ""):
+    """Run ``fn`` on this rank, then meet the others (a barrier when there is a process
+    group); if any rank failed, every rank learns it and raises."""
     value, error = None, None
     try:
         value = fn()
-    except Exception as exc:
+    except Exception as exc:  # the other ranks must still reach the barrier
         if not group.collective:
             raise
         error = exc
@@ -312,8 +313,9 @@ def _collective(group, fn, what: str):
         raise error
     if failed:
         raise InvariscopeError(
-            f"rank {failed[0]} of {group.world_size} failed {what} (see its error); fix that "
-            "and run the same command again to resume"
+            f"rank {', '.join(map(str, failed))} of {group.world_size} failed"
+            f"{' ' + what if what else ''} (see its error), so the run stays incomplete; fix "
+            "that and run the same command again to resume"
         )
     return value
 
@@ -662,25 +664,10 @@ def _run(
             if bar.total is not None:
                 bar.total += len(todo)
                 bar.refresh()
-            error = None
-            try:
-                done = set(_compute(analysis, ctx, store, parts, todo, bar))
-                written += [pid for pid in todo if pid in done]
-            except Exception as exc:  # the other ranks must still reach the barrier
-                if not group.collective:
-                    raise
-                error = exc
-            failed = group.failed_ranks(error is not None)
-            if error is not None:
-                raise error
-            if failed:
-                if ctx.rank != 0:
-                    return RunResult({}, Path(out), {}, [], ctx.rank, ctx.world_size, False)
-                raise InvariscopeError(
-                    f"rank {', '.join(map(str, failed))} of {ctx.world_size} failed (see its "
-                    f"error), so run '{out}' stays incomplete; fix that and run the same "
-                    "command again to resume"
-                )
+            done = _collective(
+                group, lambda todo=todo: set(_compute(analysis, ctx, store, parts, todo, bar))
+            )
+            written += [pid for pid in todo if pid in done]
             if ctx.world_size > 1 and not group.collective and stage != stages[-1]:
                 distributed.wait_for_parts(store, stage_ids, timeout=timeout)
     finally:
