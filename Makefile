@@ -42,6 +42,8 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sweep.py
+	$(PY) benchmarks/bench_distributed.py
+	$(PY) benchmarks/bench_224.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist src/*.egg-info
