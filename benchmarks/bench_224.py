@@ -251,7 +251,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="8 images, 2 magnitudes (smoke run)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--classes", type=int, default=None, help="default 10 (quick: 2)")
-    parser.add_argument("--per-class", type=int, default=None, help="default 6 (quick: 4)")
+    parser.add_argument("--per-class", type=int, default=None, help="default 20 (quick: 4)")
     parser.add_argument("--batch-size", type=int, default=32, help="sweep parts and hand loop")
     parser.add_argument(
         "--no-fixed", action="store_true", help="skip the reference sweep without tuning"
@@ -261,7 +261,7 @@ def main() -> None:
     from invariscope.measure.sweep import resolve_magnitudes, sweep
 
     classes = args.classes or (2 if args.quick else 10)
-    per_class = args.per_class or (4 if args.quick else 6)
+    per_class = args.per_class or (4 if args.quick else 20)
     if args.quick:
         ranges = {"rotation": "0:10:10"}
         sizes = (1, 4, 8)

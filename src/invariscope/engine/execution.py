@@ -52,6 +52,13 @@ BATCH_GAIN = 1.03
 #: Tuning stops growing the batch once one forward pass takes this long (seconds).
 MAX_TUNING_FORWARD = 1.0
 
+#: The batch size at which the two memory formats are compared, per device type.
+FORMAT_PROBE = {"cpu": 8, "cuda": 64}
+
+#: Tuning stops trying larger batches once it has taken this fraction of the run's
+#: estimated length.
+TUNING_BUDGET = 0.05
+
 
 # ------------------------------------------------------------------------ the model
 
@@ -149,6 +156,7 @@ class Execution:
         amp: autocast (float16 on CUDA, bfloat16 on the CPU).
         tuned: True when forward_batch / memory format were chosen by timing.
         ms_per_image: the timings behind the choice, ``{"<format>@<batch>": ms}``.
+        tuning_seconds: how long the timing took.
     """
 
     forward_batch: int
@@ -156,6 +164,7 @@ class Execution:
     amp: bool = False
     tuned: bool = False
     ms_per_image: dict | None = None
+    tuning_seconds: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,17 +210,24 @@ def tune(
     memory_format: str = "auto",
     amp: bool = False,
     cap: int | None = None,
+    work: int | None = None,
 ) -> Execution:
     """Choose the forward batch and memory format by timing ``model`` on ``sample``.
 
+    First both memory formats are timed at one small batch (8 images on the CPU, 64 on
+    a GPU); ``channels_last`` is kept only when it is :data:`CHANNELS_LAST_GAIN` times
+    faster. Then, in that format, larger batches are timed while each gains at least
+    :data:`BATCH_GAIN` per image, and while the time spent tuning stays within
+    :data:`TUNING_BUDGET` of the run's estimated length (``work`` images at the
+    per-image time of the first batch), so that tuning never costs more than it wins.
+
     Args:
         sample: real images ``[b, C, H, W]`` on the run's device (repeated to each size).
-        forward_batch: ``"auto"`` (time the sizes of :data:`CANDIDATES`, keep the fastest
-            per image; on a GPU the largest that fits and still gains) or a fixed size.
-        memory_format: ``"auto"`` (try ``channels_last`` too and keep it only when it is
-            :data:`CHANNELS_LAST_GAIN` times faster), ``"contiguous"`` or ``"channels_last"``.
+        forward_batch: ``"auto"`` or a fixed size (then only the format is timed).
+        memory_format: ``"auto"``, ``"contiguous"`` or ``"channels_last"``.
         cap: the most images a forward pass of the analysis can hold (sizes above are
-            not tried).
+            not tried). work: about how many images the run forwards (None: unknown,
+            no time budget).
     """
     device = sample.device
     fixed = None if forward_batch == "auto" else int(forward_batch)
@@ -222,54 +238,72 @@ def tune(
         formats = (False,)
     if fixed is not None and len(formats) == 1:
         return Execution(fixed, formats[0], amp, tuned=False)
-    sizes = [fixed] if fixed is not None else list(CANDIDATES.get(device.type, CANDIDATES["cpu"]))
-    if cap is not None and fixed is None:
-        sizes = [s for s in sizes if s < cap] + [cap]
-        sizes = sorted(set(s for s in sizes if s >= 1))
+    if fixed is not None:
+        sizes = [fixed]
+    else:
+        sizes = list(CANDIDATES.get(device.type, CANDIDATES["cpu"]))
+        first = FORMAT_PROBE.get(device.type, 8)
+        sizes = [s for s in sizes if s >= first]
+        if cap is not None:
+            sizes = sorted({s for s in sizes if s < cap} | {cap})
     timings: dict[str, float] = {}
-    best: dict[bool, tuple[float, int]] = {}
-    for channels_last in formats:
+    started = time.perf_counter()
+
+    def per_image(size: int, channels_last: bool) -> float | None:
+        """Seconds per image at ``size`` in that format; None when it does not fit."""
+        reps = -(-size // sample.shape[0])
+        x = _as_format(sample.repeat(reps, 1, 1, 1)[:size], channels_last)
         if channels_last:
             model.to(memory_format=torch.channels_last)
         try:
-            stale = 0
-            for size in sizes:
-                reps = -(-size // sample.shape[0])
-                x = _as_format(sample.repeat(reps, 1, 1, 1)[:size], channels_last)
-                try:
-                    seconds = _time_forward(model, x, amp)
-                except Exception as err:
-                    if not is_out_of_memory(err):
-                        raise
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    break
-                per_image = seconds / size
-                timings[f"{'channels_last' if channels_last else 'contiguous'}@{size}"] = round(
-                    per_image * 1e3, 4
-                )
-                if channels_last not in best or per_image * BATCH_GAIN < best[channels_last][0]:
-                    best[channels_last] = (per_image, size)
-                    stale = 0
-                else:
-                    stale += 1
-                if stale >= 2 or seconds > MAX_TUNING_FORWARD:
-                    break
+            seconds = _time_forward(model, x, amp)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
         finally:
             if channels_last:
                 model.to(memory_format=torch.contiguous_format)
-    if not best:
+        name = "channels_last" if channels_last else "contiguous"
+        timings[f"{name}@{size}"] = round(seconds / size * 1e3, 4)
+        return seconds / size
+
+    # 1. the memory format, at the first size
+    size = sizes[0]
+    probe = {cl: per_image(size, cl) for cl in formats}
+    fits = {cl: t for cl, t in probe.items() if t is not None}
+    if not fits:
         raise InvariscopeError(
-            "the model ran out of memory on every forward batch tried; use a smaller "
+            f"the model ran out of memory on a forward batch of {size} images; use a smaller "
             "--forward-batch or another device"
         )
-    use_cl = False
-    if True in best and False in best:
-        use_cl = best[True][0] * CHANNELS_LAST_GAIN <= best[False][0]
-    elif True in best:
-        use_cl = True
-    size = fixed if fixed is not None else best[use_cl][1]
-    return Execution(size, use_cl, amp, tuned=True, ms_per_image=timings)
+    use_cl = True in fits and (False not in fits or fits[True] * CHANNELS_LAST_GAIN <= fits[False])
+    best = (fits[use_cl], size)
+    # 2. the forward batch, in that format, within the time budget
+    budget = float("inf") if work is None else TUNING_BUDGET * work * best[0]
+    stale = 0
+    for size in sizes[1:]:
+        if time.perf_counter() - started > budget:
+            break
+        t = per_image(size, use_cl)
+        if t is None:
+            break
+        if t * BATCH_GAIN < best[0]:
+            best, stale = (t, size), 0
+        else:
+            stale += 1
+        if stale >= 2 or t * size > MAX_TUNING_FORWARD:
+            break
+    return Execution(
+        fixed if fixed is not None else best[1],
+        use_cl,
+        amp,
+        tuned=True,
+        ms_per_image=timings,
+        tuning_seconds=round(time.perf_counter() - started, 3),
+    )
 
 
 class Forward:

@@ -259,6 +259,7 @@ def _choose_execution(
         memory_format=memory_format,
         amp=amp,
         cap=analysis.max_forward_batch(ctx),
+        work=work,
     )
 
 
