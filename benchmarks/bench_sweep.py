@@ -93,7 +93,7 @@ def bench_overhead(model, ds, batch_size, forward_batch, device, repeats):
 
     n_images = len(ds) * sum(len(resolve_magnitudes(t, RANGES[t])) for t in TRANSFORMS)
     if forward_batch is None:
-        from invariscope.measure.sweep import DEFAULT_FORWARD_BATCH
+        from invariscope.engine.runner import DEFAULT_FORWARD_BATCH
 
         forward_batch = DEFAULT_FORWARD_BATCH.get(torch.device(device).type, 1024)
     x = ds.images[:forward_batch].to(device)
