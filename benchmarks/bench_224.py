@@ -341,6 +341,7 @@ def main() -> None:
             if timings
             else ""
         )
+        + (f"; tuning took {ex.tuning_seconds:.2f} s" if ex.tuning_seconds else "")
     )
     per_sweep = t_sweep / n_forward
     per_hand = t_hand / n_forward

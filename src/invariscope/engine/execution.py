@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 #: Forward-batch sizes tried by ``auto`` (capped by what the analysis can use).
-CANDIDATES = {"cpu": (8, 16, 32, 64, 128, 256, 512), "cuda": tuple(2**k for k in range(3, 13))}
+CANDIDATES = {"cpu": (4, 8, 16, 32, 64, 128, 256, 512), "cuda": tuple(2**k for k in range(3, 13))}
 
 #: channels_last is kept only when it is at least this much faster than contiguous,
 #: so that near-ties (timing noise) do not flip the choice between runs.
@@ -216,10 +216,11 @@ def tune(
 
     First both memory formats are timed at one small batch (8 images on the CPU, 64 on
     a GPU); ``channels_last`` is kept only when it is :data:`CHANNELS_LAST_GAIN` times
-    faster. Then, in that format, larger batches are timed while each gains at least
-    :data:`BATCH_GAIN` per image, and while the time spent tuning stays within
-    :data:`TUNING_BUDGET` of the run's estimated length (``work`` images at the
-    per-image time of the first batch), so that tuning never costs more than it wins.
+    faster. Then, in that format, the next smaller batch and larger batches are timed
+    while each gains at least :data:`BATCH_GAIN` per image, and while the time spent
+    tuning stays within :data:`TUNING_BUDGET` of the run's estimated length (``work``
+    images at the per-image time of the first batch), so that tuning never costs more
+    than it wins.
 
     Args:
         sample: real images ``[b, C, H, W]`` on the run's device (repeated to each size).
@@ -242,10 +243,12 @@ def tune(
         sizes = [fixed]
     else:
         sizes = list(CANDIDATES.get(device.type, CANDIDATES["cpu"]))
-        first = FORMAT_PROBE.get(device.type, 8)
-        sizes = [s for s in sizes if s >= first]
         if cap is not None:
             sizes = sorted({s for s in sizes if s < cap} | {cap})
+        # the format probe first, then the smaller sizes (nearest first), then the larger
+        first = min(FORMAT_PROBE.get(device.type, 8), sizes[-1])
+        smaller = sorted((s for s in sizes if s < first), reverse=True)
+        sizes = [first, *smaller[:1], *(s for s in sizes if s > first)]
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -285,11 +288,16 @@ def tune(
     budget = float("inf") if work is None else TUNING_BUDGET * work * best[0]
     stale = 0
     for size in sizes[1:]:
-        if time.perf_counter() - started > budget:
+        # a probe costs a warm-up and two timed passes: start it only if it fits the budget
+        if time.perf_counter() - started + 3 * size * best[0] > budget:
             break
         t = per_image(size, use_cl)
         if t is None:
             break
+        if size < sizes[0]:  # the one smaller size: kept if it gains, never a reason to stop
+            if t * BATCH_GAIN < best[0]:
+                best = (t, size)
+            continue
         if t * BATCH_GAIN < best[0]:
             best, stale = (t, size), 0
         else:
