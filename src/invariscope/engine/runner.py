@@ -62,6 +62,7 @@ from invariscope.engine.selection import (
     select_indices,
 )
 from invariscope.errors import InvariscopeError
+from invariscope.runs.store import RunStore, config_hash, rank_from_env
 
 log = logging.getLogger(__name__)
 
@@ -431,8 +432,6 @@ def run(
         meta: free-form facts stored in ``meta.json`` (how the model was named, ...).
         options: settings that change aggregates but not parts (``ctx.options``).
     """
-    from invariscope.runs.store import RunStore, config_hash, rank_from_env
-
     name = analysis.name
     batch_size = _check_int("batch-size", batch_size, 1)
     seed = _check_int("seed", seed, 0)
@@ -528,8 +527,6 @@ def run(
             amp=amp,
             batch_size=batch_size,
             meta=meta,
-            RunStore=RunStore,
-            config_hash=config_hash,
         )
     finally:
         for n, m in models.items():
@@ -551,8 +548,6 @@ def _run(
     amp,
     batch_size,
     meta,
-    RunStore,
-    config_hash,
 ) -> RunResult:
     from tqdm.auto import tqdm
 
