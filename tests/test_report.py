@@ -75,6 +75,37 @@ def sweep_run_dir(tmp_path_factory) -> Path:
     return _CACHE["sweep"]
 
 
+def worst_case_run_dir(tmp_path_factory) -> Path:
+    """A finished ``invariscope worst-case`` run (its own analysis), made once per session."""
+    if "worst_case" not in _CACHE:
+        from invariscope.models import create_model, save_checkpoint
+
+        base = tmp_path_factory.mktemp("report-worst")
+        ckpt = base / "model.pt"
+        save_checkpoint(create_model("simple-cnn"), ckpt)
+        out = base / "worst"
+        argv = [
+            "worst-case",
+            "--model",
+            str(ckpt),
+            "--data",
+            "digits",
+            "--wc-grid",
+            "3x3",
+            "--wc-k",
+            "3",
+            "--images",
+            "30",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+        assert run(argv) == 0
+        ckpt.unlink()
+        _CACHE["worst_case"] = out
+    return _CACHE["worst_case"]
+
+
 def write_png(path: Path, size=(240, 160), color=(40, 120, 200)) -> None:
     from PIL import Image
 

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_report import mystery_run, sweep_run_dir
+from test_report import mystery_run, sweep_run_dir, worst_case_run_dir
 
 from invariscope.report import build_report
 from invariscope.report.html import section_id
@@ -94,8 +94,9 @@ def test_report_in_headless_chromium(driver, tmp_path, tmp_path_factory):
     from selenium.webdriver.support.ui import WebDriverWait
 
     sweep = sweep_run_dir(tmp_path_factory)
+    worst = worst_case_run_dir(tmp_path_factory)
     other = mystery_run(tmp_path / "mystery run")
-    runs = [sweep, other]
+    runs = [sweep, worst, other]
     index = build_report(runs, tmp_path / "report")
 
     driver.get(index.resolve().as_uri())

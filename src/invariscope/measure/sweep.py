@@ -537,9 +537,9 @@ register_analysis(
         about=(
             "Each transformation is applied at increasing magnitude to the test images and "
             "every prediction is recorded: accuracy and class-wise mean softmax curves show "
-            "where the network stops recognising each class, and a threshold is the first "
+            "where the network stops recognising each class. A threshold is the first "
             "magnitude on each side of the identity where class accuracy falls below a "
-            "fraction of its identity accuracy. Intervals are 95% Wilson intervals over images."
+            "fraction of its identity accuracy (intervals: 95% Wilson, over images)."
         ),
         command="sweep",
         report_tables=(

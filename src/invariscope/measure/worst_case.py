@@ -283,8 +283,8 @@ register_analysis(
             "Each image is rotated and translated within a budget and counted correct only if "
             "the classifier is right for one random draw (random), for all of k random draws "
             "(worst-of-k) or for every point of a grid over the budget (grid). The drop from "
-            "natural to grid accuracy is how much a small, adversarially chosen rigid motion "
-            "costs; intervals are 95% Wilson intervals over images."
+            "natural to grid accuracy is what a small, adversarially chosen rigid motion "
+            "costs (intervals: 95% Wilson, over images)."
         ),
         command="worst-case",
         report_tables=("worst_case_summary",),
