@@ -122,9 +122,15 @@ def find_analysis(name: str) -> AnalysisEntry | None:
 
 
 def list_analyses() -> list[AnalysisEntry]:
-    """Every registered analysis, in registration order."""
+    """Every registered analysis: the built-ins in :data:`BUILTIN_MODULES` order, then
+    the others in registration order."""
     _load_builtins()
-    return list(_REGISTRY.values())
+
+    def rank(entry: AnalysisEntry) -> int:
+        module = entry.analysis.__module__
+        return BUILTIN_MODULES.index(module) if module in BUILTIN_MODULES else len(BUILTIN_MODULES)
+
+    return sorted(_REGISTRY.values(), key=rank)
 
 
 def load_hook(path: str) -> Callable[..., Any]:
