@@ -167,9 +167,9 @@ def test_stages_across_ranks_without_process_group(tmp_path, test_set):
 def test_models_and_datasets_are_checked(test_set):
     with pytest.raises(InvariscopeError, match=r"takes models \[\], got \['model'\]"):
         run(TwoStage(), {"model": Tiny()}, test_set)
-    with pytest.raises(InvariscopeError, match="--batch-size must be an integer >= 1"):
+    with pytest.raises(InvariscopeError, match="^batch_size must be an integer >= 1"):
         run(TwoStage(), None, test_set, batch_size=0)
-    with pytest.raises(InvariscopeError, match="--seed must be an integer >= 0"):
+    with pytest.raises(InvariscopeError, match="^seed must be an integer >= 0"):
         run(TwoStage(), None, test_set, seed=-1)
     with pytest.raises(InvariscopeError, match="memory format 'nhwc'"):
         run(TwoStage(), None, test_set, memory_format="nhwc")

@@ -8,7 +8,6 @@ demo ends by writing the HTML report of every run and printing its path.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,6 +30,19 @@ def cache_dir() -> Path:
     """Where trained demo models are cached: ``$INVARISCOPE_CACHE`` or ``~/.cache/invariscope``."""
     root = os.environ.get("INVARISCOPE_CACHE") or Path.home() / ".cache" / "invariscope"
     return Path(root)
+
+
+def cache_path(model_name: str, data_name: str, key: str) -> Path:
+    """The cache file of a demo model: ``<cache_dir>/models/<model>_<data>_<hash16>.pt``.
+
+    The readable part keeps only ``[A-Za-z0-9_-]`` of each name, at most 40 characters
+    (see :func:`invariscope.train.checkpoint_name`); the hash of ``key`` (which covers
+    the full names) tells entries apart. So any ``--data`` string, e.g.
+    ``folder:../../x`` or a long path, stays a short file inside the cache folder.
+    """
+    from invariscope.train import checkpoint_name
+
+    return cache_dir() / "models" / checkpoint_name(model_name, data_name, key)
 
 
 @dataclass
@@ -70,6 +82,7 @@ def train_or_load(
     key = json.dumps(
         {
             "model": model_name,
+            "data_name": data_name,
             "data": train_set.fingerprint,
             "epochs": epochs,
             "seed": seed,
@@ -77,11 +90,7 @@ def train_or_load(
         },
         sort_keys=True,
     )
-    path = (
-        cache_dir()
-        / "models"
-        / f"{model_name}_{data_name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-    )
+    path = cache_path(model_name, data_name, key)
     if path.exists() and not retrain:
         try:
             model, _ = load_checkpoint(path)

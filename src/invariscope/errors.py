@@ -8,8 +8,10 @@ can catch it like any ``ValueError``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 
 class InvariscopeError(ValueError):
@@ -26,3 +28,32 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> InvariscopeError
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return InvariscopeError(f"unknown {kind} '{name}'{hint}; known: {', '.join(known)}")
+
+
+# Which interface the user is speaking through: fix hints name what that interface has.
+_INTERFACE: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "invariscope_interface", default="python"
+)
+
+
+@contextlib.contextmanager
+def command_line() -> Iterator[None]:
+    """Within this block, :func:`hint` words fixes for the command line."""
+    token = _INTERFACE.set("cli")
+    try:
+        yield
+    finally:
+        _INTERFACE.reset(token)
+
+
+def hint(python: str, cli: str) -> str:
+    """A fix in the words of the interface in use: ``python`` (an argument of the API,
+    e.g. ``"pass overwrite=True"``) or ``cli`` (an option, e.g. ``"pass --overwrite"``).
+
+    >>> hint("pass overwrite=True", "pass --overwrite")
+    'pass overwrite=True'
+    >>> with command_line():
+    ...     hint("pass overwrite=True", "pass --overwrite")
+    'pass --overwrite'
+    """
+    return cli if _INTERFACE.get() == "cli" else python

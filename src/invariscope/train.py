@@ -16,10 +16,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import math
+import numbers
+import re
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -119,6 +124,89 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
     return correct / total
 
 
+def check_train_settings(
+    *, epochs: int = 5, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0
+) -> None:
+    """Refuse training settings that cannot work, with one line naming the option.
+
+    ``epochs`` and ``batch_size`` must be integers >= 1, ``lr`` a finite number > 0 and
+    ``weight_decay`` a finite number >= 0 (NaN and infinities are refused).
+    """
+    for name, value in (("--epochs", epochs), ("--batch-size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise InvariscopeError(f"{name} must be an integer of at least 1, got {value!r}")
+    for name, value, low in (("--lr", lr, "> 0"), ("weight_decay", weight_decay, ">= 0")):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and (value > 0 if name == "--lr" else value >= 0)
+        if not ok:
+            raise InvariscopeError(
+                f"{name} must be a finite number {low} (e.g. 1e-3), got {value!r}"
+            )
+
+
+def check_classes(dataset: Dataset) -> None:
+    """Refuse training data with fewer than 2 classes (a classifier needs 2 to learn)."""
+    classes = getattr(dataset, "classes", None)
+    if classes is not None and len(classes) < 2:
+        names = ", ".join(map(str, classes)) or "none"
+        raise InvariscopeError(
+            f"the training data has {len(classes)} class ({names}); a classifier needs at "
+            "least 2 classes: give each class its own folder (DATA/<class>/*.png)"
+        )
+
+
+@contextlib.contextmanager
+def deterministic_training() -> Iterator[None]:
+    """Use deterministic kernels inside the block; restore the previous settings after.
+
+    Sets ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op without a
+    deterministic implementation warns once instead of failing), cuDNN's deterministic
+    mode without autotuning, and oneDNN's (mkldnn) deterministic mode.
+    """
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        getattr(torch.backends.mkldnn, "deterministic", None),
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("once", message=".*deterministic.*")
+        try:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+            if saved[4] is not None:
+                torch.backends.mkldnn.deterministic = True
+            yield
+        finally:
+            torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:4]
+            if saved[4] is not None:
+                torch.backends.mkldnn.deterministic = saved[4]
+
+
+def checkpoint_name(model_name: str, data_name: str, key: str | None = None) -> str:
+    """A safe file name ``<model>_<data>[_<hash16>].pt`` for a model trained on data.
+
+    Both names keep only ``[A-Za-z0-9_-]`` (other runs become ``_``) and at most 40
+    characters, so a ``--data`` such as ``folder:../../x`` or a long path cannot leave
+    the target folder or exceed the file-name limit. With ``key`` the name ends in the
+    first 16 hex digits of its SHA-256 (the readable part may then collide, the hash not).
+
+    >>> checkpoint_name("simple-cnn", "folder:../../x", key="k")
+    'simple-cnn_folder_x_e3b98a4da31a127d.pt'
+    """
+
+    def safe(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:40].strip("_") or "x"
+
+    stem = f"{safe(model_name)}_{safe(data_name)}"
+    if key is not None:
+        stem += "_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return stem + ".pt"
+
+
 def train(
     model: nn.Module,
     train_set: Dataset,
@@ -146,15 +234,42 @@ def train(
         augment: ``{transform_name: (low, high)}``; see :func:`augment_batch`.
         progress: show a tqdm progress bar on stderr.
     """
-    if epochs < 1:
-        raise InvariscopeError(f"--epochs must be at least 1, got {epochs}")
-    if batch_size < 1:
-        raise InvariscopeError(f"--batch-size must be at least 1, got {batch_size}")
+    check_train_settings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay)
     if len(train_set) == 0:
         raise InvariscopeError("the training set is empty; check --data")
+    check_classes(train_set)
+    outputs = getattr(model, "num_classes", None)
+    if isinstance(outputs, int) and outputs < 2:
+        raise InvariscopeError(
+            f"the model has {outputs} output; a classifier needs at least 2 classes"
+        )
+    dev = resolve_device(device)
+    fork = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork), deterministic_training():
+        # the model's own randomness (dropout) comes from ``seed`` too, not from whatever
+        # state the caller's global RNG is in; fork_rng restores that state afterwards
+        torch.manual_seed(seed + 2)
+        history = _train_loop(
+            model, train_set, test_set, epochs, batch_size, lr, weight_decay, seed, dev,
+            augment, progress,
+        )  # fmt: skip
+    model.eval()
+    config = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "augment": {k: list(v) for k, v in (augment or {}).items()},
+    }
+    return TrainResult(history[-1]["test_accuracy"], pd.DataFrame(history), config)
+
+
+def _train_loop(
+    model, train_set, test_set, epochs, batch_size, lr, weight_decay, seed, dev, augment, progress
+) -> list[dict]:
     from tqdm.auto import tqdm
 
-    dev = resolve_device(device)
     model.to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     shuffle_gen = torch.Generator().manual_seed(seed)
@@ -175,8 +290,15 @@ def train(
             loss_sum = correct = seen = 0.0
             for x, y, _ in iter_batches(train_set, batch_size, shuffle=True, generator=shuffle_gen):
                 x = augment_batch(x, augment, augment_gen).to(dev)
+                low, high = int(y.min()), int(y.max())  # on the CPU still: no device sync
                 y = y.to(dev)
                 logits = model(x)
+                if low < 0 or high >= logits.shape[1]:
+                    raise InvariscopeError(
+                        f"the data has label {high if low >= 0 else low} but the model has "
+                        f"{logits.shape[1]} outputs (labels 0..{logits.shape[1] - 1}); give "
+                        "the model one output per class"
+                    )
                 loss = F.cross_entropy(logits, y)
                 if not torch.isfinite(loss):
                     raise InvariscopeError(
@@ -203,16 +325,7 @@ def train(
             log.info("epoch %d: %s", epoch, history[-1])
     finally:
         bar.close()
-    model.eval()
-    config = {
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "seed": seed,
-        "augment": {k: list(v) for k, v in (augment or {}).items()},
-    }
-    return TrainResult(history[-1]["test_accuracy"], pd.DataFrame(history), config)
+    return history
 
 
 def model_for_dataset(name: str, dataset: Dataset, *, seed: int = 0, **kwargs) -> nn.Module:

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from invariscope.errors import InvariscopeError
+from invariscope.errors import InvariscopeError, command_line
 
 # Sub-command modules; each defines commands decorated with ``@cli.command``.
 COMMAND_MODULES = ("listing", "train", "demo", "sweep", "render", "report")
@@ -49,7 +49,8 @@ def run(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` and return the exit status (never raises)."""
     _load_commands()
     try:
-        cli.main(args=argv, prog_name="invariscope", standalone_mode=False)
+        with command_line():
+            cli.main(args=argv, prog_name="invariscope", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as err:
         click.echo(err.ctx.get_help() if err.ctx else str(err))
         return 0

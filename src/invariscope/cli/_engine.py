@@ -15,6 +15,8 @@ from typing import Any
 
 import click
 
+from invariscope.engine.runner import DEFAULT_MAX_WORK
+
 COMMON = (
     "model_spec",
     "weights",
@@ -34,6 +36,8 @@ COMMON = (
     "forward_batch",
     "memory_format",
     "amp",
+    "max_work",
+    "input_size",
 )
 
 
@@ -47,6 +51,15 @@ def _forward_batch(ctx, param, value):
     if number < 1:
         raise click.BadParameter(f"must be 'auto' or at least 1, got {number}")
     return number
+
+
+def _input_size(ctx, param, value):
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"'{value}' is not C,H,W with three positive integers")
+    return tuple(int(p) for p in parts)
 
 
 _OPTIONS = [
@@ -143,6 +156,21 @@ _OPTIONS = [
         is_flag=True,
         help="Autocast the forward passes (float16 on CUDA, bfloat16 on the CPU).",
     ),
+    click.option(
+        "--max-work",
+        default=DEFAULT_MAX_WORK,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Refuse a run that would forward more transformed images than this.",
+    ),
+    click.option(
+        "--input-size",
+        default=None,
+        callback=_input_size,
+        metavar="C,H,W",
+        help="Input size of a module:factory, torchvision or timm model that cannot be "
+        "told from its weights.",
+    ),
 ]
 
 
@@ -184,7 +212,11 @@ def run_analysis_command(analysis, common: dict[str, Any], *, options: dict | No
     dev = rank_device(resolve_device(common["device"]), rank, world_size)
     model_spec, weights = common["model_spec"], common["weights"]
     data_spec, split = common["data_spec"], common["split"]
-    models = {"model": load_model(model_spec, weights)} if analysis.models else {}
+    models = (
+        {"model": load_model(model_spec, weights, input_size=common["input_size"])}
+        if analysis.models
+        else {}
+    )
     datasets = {"data": create_dataset(data_spec, split=split)} if analysis.datasets else {}
     started = init_distributed(dev, timeout=common["timeout"])
     try:
@@ -200,6 +232,7 @@ def run_analysis_command(analysis, common: dict[str, Any], *, options: dict | No
             forward_batch=common["forward_batch"],
             memory_format=common["memory_format"],
             amp=common["amp"],
+            max_work=common["max_work"],
             out=common["out"],
             overwrite=common["overwrite"],
             figures=not common["no_figures"],

@@ -52,7 +52,8 @@ from invariscope.cli._app import cli
     "--out",
     default=None,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Checkpoint to write [default: MODEL_DATA.pt].",
+    help="Checkpoint to write [default: MODEL_DATA.pt]; an existing file is replaced only "
+    "if it is an invariscope checkpoint.",
 )
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_cmd(
@@ -70,14 +71,31 @@ def train_cmd(
       invariscope train --data glyphs --augment rotation=-30:30 --out glyphs-rot.pt
     """
     from invariscope.data import create_dataset
+    from invariscope.errors import InvariscopeError
     from invariscope.models import save_checkpoint
-    from invariscope.train import model_for_dataset, parse_augment, resolve_device, train
+    from invariscope.models.checkpoint import is_checkpoint
+    from invariscope.train import (
+        check_classes,
+        check_train_settings,
+        checkpoint_name,
+        model_for_dataset,
+        parse_augment,
+        resolve_device,
+        train,
+    )
 
+    check_train_settings(epochs=epochs, batch_size=batch_size, lr=lr)
     aug = parse_augment(augment)
     dev = resolve_device(device)
     if out is None:
-        out = Path(f"{model_name}_{data_name.replace('/', '_').replace(':', '_')}.pt")
+        out = Path(checkpoint_name(model_name, data_name))
+    if out.exists() and not is_checkpoint(out):  # checked before, and not after, training
+        raise InvariscopeError(
+            f"--out {out} exists and is not an invariscope checkpoint; pass a new path or "
+            "remove the file"
+        )
     train_set = create_dataset(data_name, "train", size=size, seed=seed)
+    check_classes(train_set)
     test_set = create_dataset(data_name, "test", seed=seed)
     model = model_for_dataset(model_name, train_set, seed=seed)
     click.echo(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import pickle
 from pathlib import Path
@@ -88,7 +89,7 @@ def parse_idx(data: bytes, *, source: str = "<bytes>") -> np.ndarray:
     if len(data) < header:
         raise InvariscopeError(f"'{source}' is truncated: the IDX header needs {header} bytes")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     if len(data) != expected:
         state = "truncated" if len(data) < expected else "longer than its header says"
         raise InvariscopeError(

@@ -61,7 +61,7 @@ from invariscope.engine.selection import (
     resolve_classes,
     select_indices,
 )
-from invariscope.errors import InvariscopeError
+from invariscope.errors import InvariscopeError, hint
 from invariscope.runs.store import RunStore, config_hash, rank_from_env
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ log = logging.getLogger(__name__)
 __all__ = ["RunResult", "run"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+
+#: The most transformed images a run may forward unless the user raises it (``--max-work``).
+DEFAULT_MAX_WORK = 10**8
 
 #: Forward batch when it is not tuned, per device type.
 DEFAULT_FORWARD_BATCH = {"cpu": 256, "cuda": 1024, "mps": 512}
@@ -175,8 +178,10 @@ class RunResult:
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
+    """``name`` as the option is spelled (``batch-size``); the API says ``batch_size``."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-        raise InvariscopeError(f"--{name} must be an integer >= {low}, got {value!r}")
+        what = hint(name.replace("-", "_"), f"--{name}")
+        raise InvariscopeError(f"{what} must be an integer >= {low}, got {value!r}")
     return int(value)
 
 
@@ -396,6 +401,7 @@ def run(
     forward_batch: int | str | None = "auto",
     memory_format: str = "auto",
     amp: bool = False,
+    max_work: int | None = DEFAULT_MAX_WORK,
     out: str | Path | None = None,
     overwrite: bool = False,
     figures: bool | None = None,
@@ -422,6 +428,8 @@ def run(
             model and device; see :func:`invariscope.engine.execution.tune`).
         memory_format: ``"auto"``, ``"contiguous"`` or ``"channels_last"``.
         amp: autocast the forward passes (float16 on CUDA, bfloat16 on the CPU).
+        max_work: refuse a run whose analysis would forward more images than this
+            (``Analysis.work``), before anything is written; None: no limit.
         out: run directory; parts are stored there and a rerun resumes. A directory
             holding another configuration is refused unless ``overwrite``.
         figures: draw the analysis's figures into ``out/figures`` (default: when ``out``).
@@ -446,6 +454,8 @@ def run(
     if not (isinstance(timeout, int | float) and timeout > 0):
         raise InvariscopeError(f"--timeout must be positive, got {timeout!r}")
     num_workers = _check_int("workers", num_workers, 0)
+    if max_work is not None:
+        max_work = _check_int("max-work", max_work, 1)
     models = _named("models", models, analysis.models, name)
     datasets = _named("datasets", datasets, analysis.datasets, name)
 
@@ -527,6 +537,7 @@ def run(
             amp=amp,
             batch_size=batch_size,
             meta=meta,
+            max_work=max_work,
         )
     finally:
         for n, m in models.items():
@@ -548,10 +559,16 @@ def _run(
     amp,
     batch_size,
     meta,
+    max_work,
 ) -> RunResult:
-    from tqdm.auto import tqdm
-
     analysis.check(ctx)
+    work = analysis.work(ctx)
+    if max_work is not None and work is not None and work > max_work:
+        raise InvariscopeError(
+            f"this {analysis.name.replace('_', '-')} run would forward {work:,} transformed images, over the limit "
+            f"of {max_work:,}; use coarser ranges or fewer images, or raise the limit with "
+            + hint(f"max_work={work}", f"--max-work {work}")
+        )
     sample = _preflight(ctx) if analysis.classifier else None
     parts = analysis.plan(ctx)
     ids = [p.id for p in parts]
@@ -610,7 +627,9 @@ def _run(
     if out is not None:
 
         def open_rank0():
-            store = RunStore(out, config, overwrite=overwrite, rank=0, world_size=ctx.world_size)
+            store = RunStore(
+                out, config, overwrite=overwrite, rank=0, world_size=ctx.world_size, lock=True
+            )
             store.update_meta(
                 {**run_meta, "execution": {**execution.to_dict(), "config_hash": digest}}
             )
@@ -636,6 +655,32 @@ def _run(
             _collective(group, lambda: None, "to open")
     else:
         store = MemoryStore()
+    try:
+        return _compute_and_finish(
+            analysis, ctx, group, store, parts, execution, config, out, figures, progress, timeout
+        )
+    finally:
+        if isinstance(store, RunStore):
+            store.close()
+
+
+def _compute_and_finish(
+    analysis: Analysis,
+    ctx: Context,
+    group,
+    store,
+    parts: list[Part],
+    execution: Execution,
+    config: dict[str, Any],
+    out,
+    figures,
+    progress,
+    timeout,
+) -> RunResult:
+    """Every stage's parts on every rank, then (rank 0) aggregates, figures, finalize."""
+    from tqdm.auto import tqdm
+
+    ids = [p.id for p in parts]
     ctx.execution = execution
     ctx.forward = Forward(ctx.models, execution)
     ctx.results = store

@@ -72,6 +72,7 @@ from invariscope.engine import (
     register_analysis,
 )
 from invariscope.engine import run as run_analysis
+from invariscope.engine.runner import DEFAULT_MAX_WORK
 from invariscope.errors import InvariscopeError
 from invariscope.measure import aggregate as agg
 from invariscope.measure._sweep_core import concat_columns, predict_chunk, prediction_columns
@@ -465,7 +466,7 @@ class SweepAnalysis(Analysis):
         most = [len(m) for m in s.transforms.values()]
         most += [len(ma) * len(mb) for _, ma, _, mb in s.pairs]
         if s.budget is not None:
-            most.append(1 + s.budget.k + len(s.budget.grid()))
+            most.append(1 + s.budget.k + s.budget.points)
         return batch * max(most)
 
     def work(self, ctx) -> int:
@@ -473,7 +474,7 @@ class SweepAnalysis(Analysis):
         per_image = sum(len(m) for m in s.transforms.values())
         per_image += sum(len(ma) * len(mb) for _, ma, _, mb in s.pairs)
         if s.budget is not None:
-            per_image += 1 + s.budget.k + len(s.budget.grid())
+            per_image += 1 + s.budget.k + s.budget.points
         return len(ctx.indices["data"]) * per_image
 
     def plan(self, ctx) -> list[Part]:
@@ -607,6 +608,7 @@ def sweep(
     timeout: float = 1800.0,
     memory_format: str = "auto",
     amp: bool = False,
+    max_work: int | None = DEFAULT_MAX_WORK,
 ) -> SweepResult:
     """Sweep ``transforms`` over their magnitudes on ``dataset`` and summarise the predictions.
 
@@ -646,6 +648,8 @@ def sweep(
         rank, world_size, timeout: see :mod:`invariscope.engine.runner` ("Distribution").
         memory_format: ``"auto"`` (channels_last where it is faster), ``"contiguous"``
             or ``"channels_last"``. amp: autocast the forward passes.
+        max_work: refuse a sweep that would forward more transformed images than this
+            (None: no limit).
 
     Returns:
         A :class:`SweepResult`. Raises :class:`InvariscopeError` for bad input (checked
@@ -672,6 +676,7 @@ def sweep(
         forward_batch=forward_batch,
         memory_format=memory_format,
         amp=amp,
+        max_work=max_work,
         out=out,
         overwrite=overwrite,
         figures=figures,

@@ -99,6 +99,11 @@ class SpatialBudget:
         ga, gx, gy = np.meshgrid(a, s, s, indexing="ij")
         return np.stack([ga.ravel(), gx.ravel(), gy.ravel()], axis=1)
 
+    @property
+    def points(self) -> int:
+        """Number of grid points, ``angles x shifts x shifts`` (without building the grid)."""
+        return int(self.angles) * int(self.shifts) ** 2
+
     def to_dict(self) -> dict[str, Any]:
         """The budget as a plain dictionary (for run configurations)."""
         return {k: (float(v) if isinstance(v, float) else int(v)) for k, v in asdict(self).items()}
@@ -231,7 +236,7 @@ class WorstCaseAnalysis(Analysis):
         )
 
     def work(self, ctx) -> int:
-        return len(ctx.indices["data"]) * (1 + self.budget.k + len(self.budget.grid()))
+        return len(ctx.indices["data"]) * (1 + self.budget.k + self.budget.points)
 
     def plan(self, ctx) -> list[Part]:
         return [Part(part_id("worst", b), batch=b) for b in range(len(ctx.batches["data"]))]

@@ -6,6 +6,8 @@
 * :func:`load_model` -- checkpoints, registry names, ``module:factory``,
   ``torchvision:<name>``, ``timm:<name>`` with a local weights file; never downloads.
 * :func:`save_checkpoint` / :func:`load_checkpoint` -- one atomic checkpoint format.
+* :func:`check_class_names` -- a warning text when a model's class names and a
+  dataset's differ.
 * :func:`capture_activations` / :class:`ActivationCapture` -- layer outputs from one
   forward pass via hooks that are always removed.
 """
@@ -14,7 +16,7 @@ from invariscope.models import nets  # noqa: F401  (registers the built-in archi
 from invariscope.models.adapters import IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD
 from invariscope.models.capture import ActivationCapture, capture_activations
 from invariscope.models.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
-from invariscope.models.classifier import Classifier, default_layer_names
+from invariscope.models.classifier import Classifier, check_class_names, default_layer_names
 from invariscope.models.loading import load_model
 from invariscope.models.nets import BasicBlock, SimpleCNN, SmallResNet, SmallVGG
 from invariscope.models.registry import (
@@ -39,6 +41,7 @@ __all__ = [
     "SmallResNet",
     "SmallVGG",
     "capture_activations",
+    "check_class_names",
     "create_model",
     "default_layer_names",
     "list_models",

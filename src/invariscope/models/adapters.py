@@ -28,8 +28,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import io
 import pickle
+import pickletools
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -160,7 +163,22 @@ def _call(fn: Any, kwargs: Mapping[str, Any], arch: str):
         raise InvariscopeError(f"model '{arch}' cannot take {dict(kwargs)}: {exc}") from None
     except ValueError:  # no signature available (builtins): just call it
         pass
-    return fn(**kwargs)
+    return _guarded(arch, lambda: fn(**kwargs), kwargs)
+
+
+def _guarded(arch: str, build, kwargs: Mapping[str, Any]):
+    """``build()``, with any error but an InvariscopeError as one line naming ``arch``."""
+    try:
+        return build()
+    except InvariscopeError:
+        raise
+    except Exception as exc:
+        what = f"factory {arch}" if arch_kind(arch) == "factory" else f"building model '{arch}'"
+        args = f" {dict(kwargs)}" if kwargs else ""
+        raise InvariscopeError(
+            f"{what} failed: {_first_line(exc)}; fix the factory or its arguments{args} "
+            "(call it in Python to see the traceback)"
+        ) from exc
 
 
 def build_net(arch: str, arch_kwargs: Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
@@ -211,7 +229,7 @@ def build_net(arch: str, arch_kwargs: Mapping[str, Any]) -> tuple[nn.Module, dic
                 f"unknown timm model '{name}'{hint}; list them with "
                 "python -c 'import timm; print(timm.list_models())'"
             )
-        net = timm.create_model(name, pretrained=False, **kwargs)
+        net = _guarded(arch, lambda: timm.create_model(name, pretrained=False, **kwargs), kwargs)
         cfg = getattr(net, "pretrained_cfg", None) or getattr(net, "default_cfg", None) or {}
         hints = {k: cfg[k] for k in ("input_size", "mean", "std") if cfg.get(k) is not None}
         if kwargs.get("in_chans", 3) != 3:  # timm's configs describe the RGB model
@@ -360,6 +378,58 @@ def is_torchscript(path: str | Path) -> bool:
         return False
 
 
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.")
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING"}
+_STRING_OPS |= {"BINSTRING", "SHORT_BINSTRING"}
+
+
+def _refused_code(what: str, path: Path, name: str) -> str:
+    return (
+        f"{what} {path} refused: the file holds Python objects other than tensors and plain "
+        f"values, i.e. pickled code (GLOBAL {name}), which invariscope does not run; if it is "
+        "a whole pickled model you trust, save model.state_dict() or a TorchScript file instead"
+    )
+
+
+def _pickled_global(path: Path) -> str | None:
+    """The first global (``module.name``) that a pickle file would import, not a torch one.
+
+    Scans the opcodes without executing anything: the pickle inside a zip written by
+    ``torch.save``, or the (up to 8) pickles at the start of a plain file.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if n.endswith("data.pkl")]
+                streams = [io.BytesIO(zf.read(names[0]))] if names else []
+        else:
+            streams = [open(path, "rb")]  # noqa: SIM115 - closed below
+    except (OSError, zipfile.BadZipFile):
+        return None
+    found = None
+    for stream in streams:
+        with stream:
+            for _ in range(8):  # the legacy format is several pickles in a row
+                strings: list[str] = []
+                try:
+                    for op, arg, _pos in pickletools.genops(stream):
+                        name = None
+                        if op.name in ("GLOBAL", "INST"):
+                            name = str(arg).replace(" ", ".")
+                        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                            name = f"{strings[-2]}.{strings[-1]}"
+                        elif op.name in _STRING_OPS:
+                            strings.append(arg if isinstance(arg, str) else repr(arg))
+                        if name and not name.startswith(_SAFE_GLOBAL_PREFIXES):
+                            found = name
+                            break
+                except Exception:  # not (or no longer) a pickle: stop scanning
+                    break
+                if found:
+                    break
+    return found
+
+
 def torch_load(path: Path, what: str) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU with one-line errors."""
     if not path.exists():
@@ -367,18 +437,17 @@ def torch_load(path: Path, what: str) -> Any:
     if path.is_dir():
         raise InvariscopeError(f"{what} {path} is a directory, not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the refusal below says it better, on one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if found is None:
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
+        name = found.group(1) if found else _pickled_global(path)
+        if name is None:
             raise InvariscopeError(
                 f"cannot read {what} {path} (not a pickle written by torch.save)"
             ) from exc
-        raise InvariscopeError(
-            f"{what} {path} holds Python objects other than tensors and plain values "
-            f"({found.group(1)}), e.g. a whole pickled model, which are not loaded for "
-            "safety; save model.state_dict() or a TorchScript file instead"
-        ) from exc
+        raise InvariscopeError(_refused_code(what, path, name)) from exc
     except Exception as exc:
         raise InvariscopeError(
             f"cannot read {what} {path} ({_first_line(exc)}); it is not a complete file "

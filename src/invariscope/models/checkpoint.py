@@ -47,7 +47,7 @@ from invariscope.models.adapters import (
 )
 from invariscope.models.classifier import Classifier
 
-__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint"]
+__all__ = ["FORMAT_VERSION", "is_checkpoint", "save_checkpoint", "load_checkpoint"]
 
 FORMAT_VERSION = 1
 _REQUIRED = {
@@ -141,8 +141,13 @@ def save_checkpoint(
         "state_dict": OrderedDict((k, v.detach().to("cpu")) for k, v in model.state_dict().items()),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise InvariscopeError(
+            f"cannot write checkpoint {path} ({exc.strerror or exc}); choose another path"
+        ) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
@@ -150,9 +155,13 @@ def save_checkpoint(
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # disk full, permissions: nothing was written
+            raise InvariscopeError(
+                f"cannot write checkpoint {path} ({exc.strerror or exc}); nothing was written"
+            ) from exc
         raise
     with contextlib.suppress(OSError):  # make the rename durable (POSIX)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -161,6 +170,18 @@ def save_checkpoint(
         finally:
             os.close(dir_fd)
     return path
+
+
+def is_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a readable file holding an invariscope checkpoint (any version)."""
+    path = Path(path)
+    if not path.is_file() or is_torchscript(path):
+        return False
+    try:
+        obj = torch_load(path, "checkpoint file")
+    except InvariscopeError:
+        return False
+    return isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT
 
 
 def _corrupt(path: Path, why: str) -> InvariscopeError:

@@ -38,7 +38,7 @@ from torch import nn
 
 from invariscope.errors import InvariscopeError, unknown_name
 
-__all__ = ["Classifier", "default_layer_names"]
+__all__ = ["Classifier", "check_class_names", "default_layer_names"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -290,3 +290,47 @@ class Classifier(nn.Module):
             f"num_classes={self.num_classes}, mean={[round(v, 4) for v in self.mean.tolist()]}, "
             f"std={[round(v, 4) for v in self.std.tolist()]}, resize={self.resize}"
         )
+
+
+def _preview(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (", ..." if len(names) > limit else "")
+
+
+def check_class_names(model: Any, dataset: Any) -> str | None:
+    """A one-line warning when ``model`` and ``dataset`` name their classes differently.
+
+    Both sides' ``class_names`` (model) and ``classes`` (dataset; ``class_names`` is
+    accepted too) are compared as strings when both exist and have the same length:
+    label ``i`` of the data is scored against output ``i`` of the model, so other names
+    (``a..j`` against ``0..9``), or the same names in another order, mean the accuracy
+    measures the wrong thing. Returns None when they agree, when either side has no
+    names, when the lengths differ (a mismatch the caller reports separately), or when
+    the model's names are the defaults ``"0" .. "K-1"`` of a network loaded without
+    names (nothing to compare then).
+
+    >>> from types import SimpleNamespace as NS
+    >>> check_class_names(NS(class_names=["a", "b"]), NS(classes=["a", "b"])) is None
+    True
+    >>> print(check_class_names(NS(class_names=["b", "a"]), NS(classes=["a", "b"])))
+    the model's class names (b, a) are the dataset's (a, b) in another order: dataset label 0 ('a') is scored as model output 0 ('b'); check that the model was trained on this dataset
+    """
+    ours = getattr(model, "class_names", None)
+    theirs = getattr(dataset, "classes", None)
+    if theirs is None:
+        theirs = getattr(dataset, "class_names", None)
+    if not ours or not theirs:
+        return None
+    ours, theirs = [str(c) for c in ours], [str(c) for c in theirs]
+    if len(ours) != len(theirs) or ours == theirs:
+        return None
+    if ours == [str(i) for i in range(len(ours))]:  # defaults: the model has no names
+        return None
+    i = next(k for k, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
+    how = "are the dataset's" if sorted(ours) == sorted(theirs) else "differ from the dataset's"
+    order = " in another order" if sorted(ours) == sorted(theirs) else ""
+    return (
+        f"the model's class names ({_preview(ours)}) {how} ({_preview(theirs)}){order}: "
+        f"dataset label {i} ('{theirs[i]}') is scored as model output {i} ('{ours[i]}'); "
+        "check that the model was trained on this dataset"
+    )

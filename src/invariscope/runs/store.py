@@ -84,7 +84,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from invariscope.errors import InvariscopeError, unknown_name
+from invariscope.errors import InvariscopeError, hint, unknown_name
 
 __all__ = [
     "RankInfo",
@@ -105,6 +105,7 @@ PARTS = "parts"
 AGGREGATES = "aggregates"
 FIGURES = "figures"
 DONE = "_done.json"
+LOCK = ".lock"
 FORMAT = "invariscope.run"
 FORMAT_VERSION = 1
 STATUS_RUNNING = "running"
@@ -371,13 +372,23 @@ def _atomic_parquet(path: Path, table: pa.Table, rank: int) -> None:
     _atomic_write(path, lambda f: pq.write_table(table, f), rank)
 
 
+def _sha256(path: Path) -> str:
+    """sha256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InvariscopeError(
             f"cannot read {path} ({type(exc).__name__}); it was not written by invariscope "
-            "or was edited: fix it or start the run again with overwrite=True"
+            "or was edited: fix it or start the run again with "
+            + hint("overwrite=True", "--overwrite")
         ) from None
 
 
@@ -425,6 +436,9 @@ class RunStore:
             is refused with an error naming the differing keys.
         rank, world_size: this process's place in a distributed job (:func:`rank_from_env`).
         timeout: seconds a rank other than 0 waits for rank 0 to write ``config.json``.
+        lock: rank 0 takes an exclusive OS lock on the run directory (``.lock``, holding
+            its PID) until :meth:`close`; another process that tries is refused with
+            "in use by PID N". The engine locks every run it writes.
 
     Attributes:
         run_dir (Path), rank (int), world_size (int), read_only (bool).
@@ -439,16 +453,63 @@ class RunStore:
         rank: int = 0,
         world_size: int = 1,
         timeout: float = 600.0,
+        lock: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.rank, self.world_size = _check_rank(rank, world_size)
         self.read_only = False
+        self._lock_fd: int | None = None
         self._canonical = canonical_json(config)
         self._hash = hashlib.sha256(self._canonical.encode("utf-8")).hexdigest()
-        if self.rank == 0:
-            self._start(overwrite)
-        else:
-            self._wait_for_config(overwrite, timeout)
+        try:
+            if self.rank == 0:
+                self._start(overwrite, lock)
+            else:
+                self._wait_for_config(overwrite, timeout)
+        except OSError as exc:
+            self.close()
+            raise InvariscopeError(
+                f"cannot write the run directory '{self.run_dir}' ({type(exc).__name__}: "
+                f"{exc.strerror or exc}); choose a directory you can write ("
+                + hint("out=", "--out")
+                + ")"
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory's lock (if this store holds it). Idempotent."""
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _acquire_lock(self) -> None:
+        """Take the exclusive lock on ``run_dir/.lock`` or refuse, naming the holder's PID."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - no flock (Windows): no lock
+            return
+        fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise InvariscopeError(
+                f"run directory '{self.run_dir}' is in use by PID {holder}; wait for that "
+                "run to finish, or write to another directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike[str]) -> RunStore:
@@ -461,6 +522,7 @@ class RunStore:
             )
         self = cls.__new__(cls)
         self.run_dir, self.rank, self.world_size, self.read_only = run_dir, 0, 1, True
+        self._lock_fd = None
         self._canonical = canonical_json(self._stored_config()["config"])
         self._hash = hashlib.sha256(self._canonical.encode("utf-8")).hexdigest()
         return self
@@ -479,7 +541,7 @@ class RunStore:
         if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
             raise InvariscopeError(
                 f"{self.run_dir / CONFIG} has no 'config' object; it was not written by "
-                "invariscope: start the run again with overwrite=True"
+                "invariscope: start the run again with " + hint("overwrite=True", "--overwrite")
             )
         return stored
 
@@ -488,14 +550,18 @@ class RunStore:
         shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
         return InvariscopeError(
             f"run directory '{self.run_dir}' holds a different configuration (differing keys: "
-            f"{shown}); use another directory or pass overwrite=True to discard its results"
+            f"{shown}); use another directory or pass "
+            + hint("overwrite=True", "--overwrite")
+            + " to discard its results"
         )
 
-    def _start(self, overwrite: bool) -> None:
+    def _start(self, overwrite: bool, lock: bool) -> None:
         """Rank 0: create, check, resume or clear the directory; write config + manifest."""
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise InvariscopeError(f"run directory '{self.run_dir}' is a file; pass a directory")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if lock:
+            self._acquire_lock()
         manifest: dict[str, Any] = {}
         if (self.run_dir / CONFIG).is_file():
             stored = None if overwrite else self._stored_config()
@@ -509,7 +575,7 @@ class RunStore:
             foreign = [
                 e.name
                 for e in os.scandir(self.run_dir)
-                if e.name not in _RESERVED | {FIGURES}
+                if e.name not in _RESERVED | {FIGURES, LOCK}
                 and not e.name.startswith(_TRASH_PREFIX)
                 and not _TMP_RE.match(e.name)
             ]
@@ -520,6 +586,8 @@ class RunStore:
                 )
             self._clear()  # leftovers of a run stopped before it wrote config.json
         self._cleanup(everything=self.world_size == 1)
+        if manifest:
+            self._verify_parts()
         if not (self.run_dir / CONFIG).is_file():
             _atomic_json(
                 self.run_dir / CONFIG,
@@ -554,7 +622,7 @@ class RunStore:
         trash = self.run_dir / f"{_TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
         trash.mkdir()
         for entry in os.scandir(self.run_dir):
-            if entry.name != CONFIG and not entry.name.startswith(_TRASH_PREFIX):
+            if entry.name not in (CONFIG, LOCK) and not entry.name.startswith(_TRASH_PREFIX):
                 os.rename(entry.path, trash / entry.name)
         _fsync_dir(self.run_dir)
         with contextlib.suppress(FileNotFoundError):
@@ -563,6 +631,32 @@ class RunStore:
         for entry in os.scandir(self.run_dir):
             if entry.name.startswith(_TRASH_PREFIX):
                 _remove(Path(entry.path))
+
+    def _verify_parts(self) -> None:
+        """On resume: a done part whose files no longer match the checksums of its marker
+        (corrupted, truncated or edited since) is removed, so that it is computed again."""
+        removed = []
+        for pid in self.completed_parts():
+            folder = self.run_dir / PARTS / pid
+            try:
+                marker = json.loads((folder / DONE).read_text(encoding="utf-8"))
+                sums = marker.get("sha256")
+                ok = sums is None or all(_sha256(folder / f) == h for f, h in sums.items())
+            except (OSError, ValueError, AttributeError):
+                ok = False
+            if not ok:
+                trash = self.run_dir / f"{_TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
+                os.rename(folder, trash)  # atomic: the part is gone as a whole
+                _remove(trash)
+                removed.append(pid)
+        if removed:
+            _fsync_dir(self.run_dir / PARTS)
+            logger.warning(
+                "run %s: %d done part(s) failed their checksum and will be computed again: %s",
+                self.run_dir,
+                len(removed),
+                ", ".join(removed[:5]),
+            )
 
     def _cleanup(self, everything: bool) -> None:
         """Remove leftovers of killed writers.
@@ -699,8 +793,12 @@ class RunStore:
         blobs = {_check_name("blob", n): bytes(b) for n, b in (blobs or {}).items()}
         if self.is_done(pid):
             raise InvariscopeError(
-                f"part {pid!r} of run '{self.run_dir}' is already done; skip done parts "
-                "with run.pending(ids) or pass overwrite=True to start afresh"
+                f"part {pid!r} of run '{self.run_dir}' is already done; "
+                + hint(
+                    "skip done parts with run.pending(ids) or pass overwrite=True to start afresh",
+                    "another process wrote it: run one command per run directory, or pass "
+                    "--overwrite to start afresh",
+                )
             )
         self._reopen("write part " + pid)
         folder = self.run_dir / PARTS / pid
@@ -712,10 +810,12 @@ class RunStore:
             _atomic_parquet(folder / f"{name}.parquet", table, self.rank)
         for name, data in blobs.items():
             _atomic_write(folder / f"{name}.bin", lambda f, d=data: f.write(d), self.rank)
+        files = [f"{n}.parquet" for n in arrow] + [f"{n}.bin" for n in blobs]
         marker = {
             "part_id": pid,
             "tables": {name: table.num_rows for name, table in arrow.items()},
             "blobs": {name: len(data) for name, data in blobs.items()},
+            "sha256": {f: _sha256(folder / f) for f in files},
             "rank": self.rank,
             "finished": _now(),
         }
