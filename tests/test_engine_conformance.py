@@ -262,3 +262,45 @@ def test_other_configuration_is_refused_naming_the_keys(reference, checkpoint, c
     assert "different configuration" in err and "seed" in err
     assert sorted(p.name for p in (ref_dir / "parts").iterdir()) == before
     assert _status(ref_dir) == "complete"
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture(scope="module", params=sorted(ENTRIES))
+def entry(request):
+    return ENTRIES[request.param]
+
+
+def _refused(argv, capsys, out: Path) -> str:
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("invariscope: error: ") and "\n" not in err, err
+    assert "Traceback" not in err
+    assert not out.exists()  # nothing written
+    return err
+
+
+def test_the_commands_own_bad_input_is_one_line_before_anything_is_written(
+    entry, checkpoint, tmp_path, capsys
+):
+    assert entry.bad_inputs, f"{entry.name} registers no bad inputs"
+    out = tmp_path / "run"
+    for args, words in entry.bad_inputs:
+        argv = [entry.command, "--model", str(checkpoint), *args, "--out", str(out)]
+        assert words in _refused(argv, capsys, out), args
+
+
+def test_unknown_class_and_a_model_that_does_not_fit_are_refused(
+    entry, checkpoint, tmp_path, capsys
+):
+    from invariscope.models import create_model, save_checkpoint
+
+    out = tmp_path / "run"
+    argv = [entry.command, *entry.conformance, "--out", str(out)]
+    err = _refused([*argv, "--model", str(checkpoint), "--classes", "eleven"], capsys, out)
+    assert "unknown class 'eleven'" in err
+    rgb = tmp_path / "rgb.pt"  # a 3-channel 32 px model on 1-channel 28 px digits
+    save_checkpoint(create_model("small-vgg"), rgb)
+    err = _refused([*argv, "--model", str(rgb)], capsys, out)
+    assert "3 channel" in err or "instead of 3" in err

@@ -62,6 +62,9 @@ class AnalysisEntry:
             ``--model`` and ``--out``, which the test adds) for the conformance test.
         figure_order: figure names (file stems) in the order the report shows them;
             figures not named come after, sorted.
+        bad_inputs: ``(arguments, words of the error)`` pairs of the command's own bad
+            input (an unknown name, an out-of-domain option) that the conformance test
+            checks give one line, exit status 2 and no run directory.
     """
 
     name: str
@@ -75,6 +78,7 @@ class AnalysisEntry:
     demo: str | None = None
     conformance: tuple[str, ...] = ()
     figure_order: tuple[str, ...] = ()
+    bad_inputs: tuple[tuple[tuple[str, ...], str], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def render(self) -> Callable[..., list] | None:

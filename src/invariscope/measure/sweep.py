@@ -573,6 +573,14 @@ register_analysis(
             "8",
         ),
         figure_order=("accuracy", "softmax_curves", "thresholds", "worst_case"),
+        bad_inputs=(
+            (("--data", "digits", "--transforms", "spin"), "unknown transform 'spin'"),
+            (
+                ("--data", "digits", "--transforms", "zoom", "--range", "zoom=-1:2:0.5"),
+                "zoom",
+            ),
+            (("--data", "digits", "--transforms", "rotation", "--threshold", "2"), "--threshold"),
+        ),
     )
 )
 

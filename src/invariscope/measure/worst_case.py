@@ -308,6 +308,11 @@ register_analysis(
             "8",
         ),
         figure_order=("worst_case",),
+        bad_inputs=(
+            (("--data", "digits", "--wc-k", "0"), "k must be an integer >= 1"),
+            (("--data", "digits", "--wc-grid", "31by5"), "--wc-grid '31by5' must be"),
+            (("--data", "digits", "--wc-angle", "nan"), "max_angle must be a finite number"),
+        ),
     )
 )
 

@@ -1,0 +1,321 @@
+"""Bad input a user can fix: one line ``invariscope: error: ...``, exit status 2, no traceback,
+nothing half-written. A table: case, command, expected exit code, expected words.
+
+Later analyses extend :data:`CASES`. ``{tmp}`` in a command is a fresh temporary folder,
+``{file}`` an existing plain file, ``{folder}`` a small image folder (two classes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from invariscope.cli import run
+from invariscope.errors import InvariscopeError, command_line, hint
+
+SWEEP = ["sweep", "--model", "simple-cnn", "--data", "digits", "--transforms", "rotation"]
+WORST = ["worst-case", "--model", "simple-cnn", "--data", "digits", "--images", "4"]
+
+CASES = [
+    # (case, command, exit code, words of the message)
+    (
+        "device name",
+        [*SWEEP, "--device", "nonsense", "--out", "{tmp}/r"],
+        2,
+        "--device 'nonsense' is not a device",
+    ),
+    (
+        "device index",
+        [*SWEEP, "--device", "cuda:abc", "--out", "{tmp}/r"],
+        2,
+        "--device 'cuda:abc' is not a device",
+    ),
+    (
+        "train device",
+        [
+            "train",
+            "--model",
+            "simple-cnn",
+            "--data",
+            "digits",
+            "--device",
+            "nonsense",
+            "--out",
+            "{tmp}/m.pt",
+        ],
+        2,
+        "is not a device",
+    ),
+    ("demo device", ["demo", "--device", "cuda:abc", "--out", "{tmp}/demo"], 2, "is not a device"),
+    ("negative seed", [*SWEEP, "--seed", "-1", "--out", "{tmp}/r"], 2, "--seed"),
+    (
+        "negative workers",
+        [
+            "sweep",
+            "--model",
+            "simple-cnn",
+            "--data",
+            "{folder}",
+            "--transforms",
+            "rotation",
+            "--workers",
+            "-1",
+            "--out",
+            "{tmp}/r",
+        ],
+        2,
+        "--workers",
+    ),
+    ("out under a file", [*WORST, "--out", "{file}/sub"], 2, "cannot write the run directory"),
+    ("out is a file", [*WORST, "--out", "{file}"], 2, "is a file"),
+    (
+        "huge worst-case grid",
+        [*WORST, "--wc-grid", "100000x100000", "--out", "{tmp}/r"],
+        2,
+        "over the limit of 100,000,000",
+    ),
+    (
+        "huge 2-D grid",
+        [
+            "sweep",
+            "--model",
+            "simple-cnn",
+            "--data",
+            "digits",
+            "--pair",
+            "rotation,translate_x",
+            "--range",
+            "rotation=-180:180:0.01",
+            "--range",
+            "translate_x=-0.5:0.5:0.001",
+            "--out",
+            "{tmp}/r",
+        ],
+        2,
+        "raise the limit with --max-work",
+    ),
+    (
+        "zero forward batch",
+        [*SWEEP, "--forward-batch", "0", "--out", "{tmp}/r"],
+        2,
+        "--forward-batch",
+    ),
+    ("bad input size", [*SWEEP, "--input-size", "3,x,2", "--out", "{tmp}/r"], 2, "--input-size"),
+    (
+        "zero timeout",
+        [*SWEEP, "--timeout", "0", "--out", "{tmp}/r"],
+        2,
+        "--timeout must be positive",
+    ),
+]
+
+
+@pytest.fixture
+def places(tmp_path):
+    from PIL import Image
+
+    plain = tmp_path / "afile.txt"
+    plain.write_text("not a directory")
+    folder = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(3):
+            pixels = (rng.random((28, 28)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / cls / f"{i}.png")
+    return {"tmp": str(tmp_path / "t"), "file": str(plain), "folder": f"folder:{folder}"}
+
+
+@pytest.mark.parametrize("case, argv, code, words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clean_line(case, argv, code, words, places, capsys):
+    argv = [a.format(**places) for a in argv]
+    assert run(argv) == code, case
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("invariscope: error: ") and "\n" not in err, err
+    assert "Traceback" not in err
+    assert words in err, err
+    assert not Path(places["tmp"], "r", "aggregates").exists()
+
+
+def test_unwritable_run_directory_is_one_line(tmp_path, capsys, monkeypatch):
+    """A read-only place (simulated: root may write anywhere) gives one line, not a trace."""
+    real = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if "readonly" in str(self):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert run([*WORST, "--out", str(tmp_path / "readonly" / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot write the run directory" in err and "PermissionError" in err
+    assert "--out" in err and "\n" not in err
+
+
+def test_fix_hints_speak_the_language_of_the_interface(tmp_path, capsys):
+    from invariscope.data import create_dataset
+    from invariscope.measure.worst_case import SpatialBudget, worst_case_spatial
+    from invariscope.models import create_model, save_checkpoint
+
+    model = tmp_path / "m.pt"
+    save_checkpoint(create_model("simple-cnn"), model)
+    out = tmp_path / "run"
+    argv = [
+        "worst-case",
+        "--model",
+        str(model),
+        "--data",
+        "digits",
+        "--images",
+        "4",
+        "--wc-grid",
+        "3x3",
+        "--wc-k",
+        "2",
+        "--no-figures",
+        "--no-progress",
+    ]
+    assert run([*argv, "--out", str(out)]) == 0
+    assert run([*argv, "--seed", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "pass --overwrite" in err and "overwrite=True" not in err
+    data = create_dataset("digits", "test")
+    with pytest.raises(InvariscopeError, match="pass overwrite=True") as info:
+        worst_case_spatial(
+            create_model("simple-cnn"),
+            data,
+            SpatialBudget(angles=3, shifts=3),
+            images=4,
+            seed=3,
+            out=out,
+        )
+    assert "--overwrite" not in str(info.value)
+    with pytest.raises(InvariscopeError, match="max_work="):
+        worst_case_spatial(
+            create_model("simple-cnn"),
+            data,
+            SpatialBudget(angles=3, shifts=3),
+            images=4,
+            max_work=10,
+        )
+    assert hint("a", "b") == "a"
+    with command_line():
+        assert hint("a", "b") == "b"
+
+
+# ---------------------------------------------------------------- one writer per run
+
+
+def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
+    from invariscope.runs.store import RunStore
+
+    store = RunStore.open(run_dir)
+    assert store.is_complete
+    out = {f"a:{n}": store.read_aggregate(n) for n in store.aggregates()}
+    out.update({f"p:{n}": store.read_table(n) for n in store.tables()})
+    return out
+
+
+def test_two_identical_commands_at_once_never_leave_a_traceback(tmp_path):
+    from invariscope.models import create_model, save_checkpoint
+
+    model = tmp_path / "m.pt"
+    save_checkpoint(create_model("simple-cnn"), model)
+    args = [
+        "-m",
+        "invariscope",
+        "worst-case",
+        "--model",
+        str(model),
+        "--data",
+        "digits",
+        "--images",
+        "48",
+        "--batch-size",
+        "4",
+        "--wc-grid",
+        "5x3",
+        "--wc-k",
+        "3",
+        "--no-figures",
+        "--no-progress",
+    ]
+    reference = tmp_path / "reference"
+    assert run([*args[2:], "--out", str(reference)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outcomes = []
+    for trial in range(4):
+        out = tmp_path / f"run{trial}"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, *args, "--out", str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+        for code, err in results:
+            assert "Traceback" not in err, err
+            assert code == 0 or (code == 2 and "is in use by PID" in err), err
+        outcomes.append(sorted(code for code, _ in results))
+        if any(code == 2 for code, _ in results):  # the refused one: the same again resumes
+            assert run([*args[2:], "--out", str(out)]) == 0
+        with pytest.MonkeyPatch.context():
+            got, want = _tables(out), _tables(reference)
+        assert sorted(got) == sorted(want)
+        for name in want:
+            pd.testing.assert_frame_equal(got[name], want[name], check_exact=True, obj=name)
+    assert [0, 2] in outcomes  # the lock was exercised at least once
+
+
+def test_corrupt_part_is_recomputed_on_resume(tmp_path, capsys):
+    from invariscope.models import create_model, save_checkpoint
+
+    model = tmp_path / "m.pt"
+    save_checkpoint(create_model("simple-cnn"), model)
+    out = tmp_path / "run"
+    argv = [
+        "worst-case",
+        "--model",
+        str(model),
+        "--data",
+        "digits",
+        "--images",
+        "12",
+        "--batch-size",
+        "4",
+        "--wc-grid",
+        "3x3",
+        "--wc-k",
+        "2",
+        "--no-figures",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    assert run(argv) == 0
+    before = _tables(out)
+    part = out / "parts" / "worst-000001"
+    marker = json.loads((part / "_done.json").read_text())
+    assert set(marker["sha256"]) == {"worst_case.parquet"}
+    data = bytearray((part / "worst_case.parquet").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the Parquet file
+    (part / "worst_case.parquet").write_bytes(bytes(data))
+    assert run(argv) == 0
+    after = _tables(out)
+    for name in before:
+        pd.testing.assert_frame_equal(after[name], before[name], check_exact=True, obj=name)
+    marker_after = json.loads((part / "_done.json").read_text())
+    assert marker_after["finished"] >= marker["finished"]
+    assert marker_after["sha256"] == marker["sha256"]  # recomputed to the same bytes
