@@ -186,6 +186,20 @@ def deterministic_training() -> Iterator[None]:
                 torch.backends.mkldnn.deterministic = saved[4]
 
 
+@contextlib.contextmanager
+def _num_threads(n: int) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` inside the block (only if it changes anything)."""
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def checkpoint_name(model_name: str, data_name: str, key: str | None = None) -> str:
     """A safe file name ``<model>_<data>[_<hash16>].pt`` for a model trained on data.
 
@@ -220,19 +234,32 @@ def train(
     device: str | torch.device = "cpu",
     augment: Mapping[str, tuple[float, float]] | None = None,
     progress: bool = True,
+    threads: int | None = None,
 ) -> TrainResult:
     """Train ``model`` with Adam and cross-entropy; return test accuracy and history.
 
-    Everything random (initial shuffling, augmentation magnitudes) comes from
-    generators seeded with ``seed``; the model's own initialisation is the caller's
-    (``create_model`` runs under a fixed seed). With the same seed, data and device,
-    two runs give identical weights on the CPU.
+    Reproducibility: the data order comes from a generator seeded with ``seed``, the
+    augmentation magnitudes from one seeded with ``seed + 1``, and any randomness of
+    the model itself (dropout) from the global RNG seeded with ``seed + 2`` inside a
+    :func:`torch.random.fork_rng` block (the caller's RNG state is restored); the
+    model's initialisation is the caller's (:func:`model_for_dataset` seeds it).
+    Kernels run in PyTorch's deterministic mode (:func:`deterministic_training`). So
+    the same model, data, settings, seed, device, PyTorch build and **number of CPU
+    threads** give bit-identical weights, however busy the machine is. The thread
+    count matters on the CPU: reductions (convolution and linear-layer gradients) are
+    split across threads, and another split rounds differently, so 1, 2 and 4 threads
+    give three slightly different models. PyTorch's default thread count follows the
+    CPUs the process may use (``OMP_NUM_THREADS``, ``taskset``, a container's CPU
+    limit), so pass ``threads`` to reproduce a model on another machine or under
+    another launcher; the count used is stored in ``config["threads"]``.
 
     Args:
         model: a classifier taking ``[B, C, H, W]`` images in ``[0, 1]``.
         train_set, test_set: datasets yielding ``(image, label)``.
         augment: ``{transform_name: (low, high)}``; see :func:`augment_batch`.
         progress: show a tqdm progress bar on stderr.
+        threads: intra-op CPU threads for this call (``torch.set_num_threads``, restored
+            after); None keeps the current count.
     """
     check_train_settings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay)
     if len(train_set) == 0:
@@ -243,9 +270,18 @@ def train(
         raise InvariscopeError(
             f"the model has {outputs} output; a classifier needs at least 2 classes"
         )
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1
+    ):
+        raise InvariscopeError(f"--threads must be an integer of at least 1, got {threads!r}")
     dev = resolve_device(device)
     fork = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork), deterministic_training():
+    saved_threads = torch.get_num_threads()
+    with (
+        torch.random.fork_rng(devices=fork),
+        deterministic_training(),
+        _num_threads(threads or saved_threads),
+    ):
         # the model's own randomness (dropout) comes from ``seed`` too, not from whatever
         # state the caller's global RNG is in; fork_rng restores that state afterwards
         torch.manual_seed(seed + 2)
@@ -261,6 +297,7 @@ def train(
         "weight_decay": weight_decay,
         "seed": seed,
         "augment": {k: list(v) for k, v in (augment or {}).items()},
+        "threads": int(threads or saved_threads),
     }
     return TrainResult(history[-1]["test_accuracy"], pd.DataFrame(history), config)
 
