@@ -319,3 +319,38 @@ def test_corrupt_part_is_recomputed_on_resume(tmp_path, capsys):
     marker_after = json.loads((part / "_done.json").read_text())
     assert marker_after["finished"] >= marker["finished"]
     assert marker_after["sha256"] == marker["sha256"]  # recomputed to the same bytes
+
+
+FACTORY = """
+import torch
+from torch import nn
+
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+"""
+
+
+def test_input_size_option_is_what_the_hint_names(tmp_path, capsys, monkeypatch):
+    (tmp_path / "userfactory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = [
+        "worst-case",
+        "--model",
+        "userfactory:build",
+        "--data",
+        "shapes",
+        "--images",
+        "4",
+        "--wc-grid",
+        "3x3",
+        "--wc-k",
+        "2",
+        "--no-figures",
+        "--no-progress",
+    ]
+    assert run([*argv, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "--resize" in err and "resize=True" not in err  # a 3-channel net defaults to 224 px
+    assert run([*argv, "--input-size", "3,32,32", "--out", str(tmp_path / "b")]) == 0
+    assert run([*argv, "--resize", "--out", str(tmp_path / "c")]) == 0

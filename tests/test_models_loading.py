@@ -108,9 +108,10 @@ def test_failed_save_leaves_no_partial_file_and_keeps_old_one(tmp_path, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    # one line (an InvariscopeError), not a traceback; nothing half-written stays
+    with pytest.raises(InvariscopeError, match=r"model\.pt \(disk full\); nothing was written"):
         save_checkpoint(model, path, extra={"version": "new"})
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InvariscopeError, match="disk full"):
         save_checkpoint(model, tmp_path / "other.pt")
     assert sorted(os.listdir(tmp_path)) == ["model.pt"]
     assert path.read_bytes() == before

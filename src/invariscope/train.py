@@ -209,7 +209,7 @@ def checkpoint_name(model_name: str, data_name: str, key: str | None = None) -> 
     first 16 hex digits of its SHA-256 (the readable part may then collide, the hash not).
 
     >>> checkpoint_name("simple-cnn", "folder:../../x", key="k")
-    'simple-cnn_folder_x_e3b98a4da31a127d.pt'
+    'simple-cnn_folder_x_8254c329a92850f6.pt'
     """
 
     def safe(text: str) -> str:

@@ -38,6 +38,7 @@ COMMON = (
     "amp",
     "max_work",
     "input_size",
+    "resize",
 )
 
 
@@ -171,6 +172,11 @@ _OPTIONS = [
         help="Input size of a module:factory, torchvision or timm model that cannot be "
         "told from its weights.",
     ),
+    click.option(
+        "--resize",
+        is_flag=True,
+        help="Resize images to the model's input size inside the model wrapper.",
+    ),
 ]
 
 
@@ -213,7 +219,14 @@ def run_analysis_command(analysis, common: dict[str, Any], *, options: dict | No
     model_spec, weights = common["model_spec"], common["weights"]
     data_spec, split = common["data_spec"], common["split"]
     models = (
-        {"model": load_model(model_spec, weights, input_size=common["input_size"])}
+        {
+            "model": load_model(
+                model_spec,
+                weights,
+                input_size=common["input_size"],
+                resize=True if common["resize"] else None,
+            )
+        }
         if analysis.models
         else {}
     )

@@ -62,6 +62,7 @@ from invariscope.engine.selection import (
     select_indices,
 )
 from invariscope.errors import InvariscopeError, hint
+from invariscope.models import check_class_names
 from invariscope.runs.store import RunStore, config_hash, rank_from_env
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,9 @@ def _preflight(ctx: Context) -> torch.Tensor:
             x = x.to(ctx.device)
             logits = ctx.model(x[:2])
             check_logits(logits, min(2, len(x)), ctx.num_classes, "on the first images")
+            mismatch = check_class_names(ctx.model, ctx.dataset)
+            if mismatch:
+                log.warning(mismatch)
             return x
     raise InvariscopeError("the dataset is empty; check --data (and its path or split)")
 

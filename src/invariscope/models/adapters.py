@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from invariscope.errors import InvariscopeError, unknown_name
+from invariscope.errors import InvariscopeError, hint, unknown_name
 from invariscope.models.classifier import Classifier
 from invariscope.models.registry import _MODELS, create_model
 
@@ -265,7 +265,9 @@ def _infer_classes(net: nn.Module, input_size: Sequence[int], arch: str | None) 
     except Exception as exc:
         raise InvariscopeError(
             f"model '{arch}' fails on one image of size {list(input_size)} "
-            f"({_first_line(exc)}); pass its input size (input_size=, --input-size C,H,W)"
+            f"({_first_line(exc)}); pass its input size ("
+            + hint("input_size=(C, H, W)", "--input-size C,H,W")
+            + ")"
         ) from exc
     finally:
         net.train(was_training)
@@ -338,7 +340,7 @@ def as_classifier(
         if input_size is None:
             raise InvariscopeError(
                 f"cannot tell the input size of model '{arch}' ({channels} channels); "
-                "pass input_size=(C, H, W) (--input-size C,H,W)"
+                "pass " + hint("input_size=(C, H, W)", "--input-size C,H,W")
             )
     if mean is None:
         mean = hints.get("mean", defaults["mean"]) if channels == 3 else defaults["mean"]

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from invariscope.errors import InvariscopeError, unknown_name
+from invariscope.errors import InvariscopeError, hint, unknown_name
 
 __all__ = ["Classifier", "check_class_names", "default_layer_names"]
 
@@ -246,7 +246,7 @@ class Classifier(nn.Module):
         if not self.resize and tuple(x.shape[2:]) != (h, w):
             raise InvariscopeError(
                 f"model expects {expected}, got shape {_shape(x)}; resize the images "
-                "or enable resizing (resize=True, --resize)"
+                "or enable resizing (" + hint("resize=True", "--resize") + ")"
             )
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
