@@ -114,11 +114,48 @@ CASES = [
         2,
         "--timeout must be positive",
     ),
+    (
+        "negative learning rate",
+        ["train", "--data", "digits", "--lr", "-0.1", "--out", "{tmp}/m.pt"],
+        2,
+        "--lr must be a finite number > 0",
+    ),
+    (
+        "NaN learning rate",
+        ["train", "--data", "digits", "--lr", "nan", "--out", "{tmp}/m.pt"],
+        2,
+        "--lr must be a finite number > 0",
+    ),
+    (
+        "train over a file that is not a checkpoint",
+        ["train", "--data", "digits", "--epochs", "1", "--out", "{file}"],
+        2,
+        "not an invariscope checkpoint",
+    ),
+    (
+        "one-class folder",
+        ["train", "--data", "{oneclass}", "--epochs", "1", "--out", "{tmp}/m.pt"],
+        2,
+        "a classifier needs at least 2 classes",
+    ),
+    (
+        "factory that raises",
+        [*SWEEP[:2], "userraise:build", *SWEEP[3:], "--out", "{tmp}/r"],
+        2,
+        "factory userraise:build failed: ValueError: bad",
+    ),
+    (
+        "IDX header overflowing int64",
+        [*SWEEP[:4], "mnist:{idx}", *SWEEP[5:], "--out", "{tmp}/r"],
+        2,
+        "is truncated",
+    ),
+    ("demo out under a file", ["demo", "--out", "{file}/demo"], 2, "{file}"),
 ]
 
 
 @pytest.fixture
-def places(tmp_path):
+def places(tmp_path, monkeypatch):
     from PIL import Image
 
     plain = tmp_path / "afile.txt"
@@ -130,12 +167,35 @@ def places(tmp_path):
         for i in range(3):
             pixels = (rng.random((28, 28)) * 255).astype(np.uint8)
             Image.fromarray(pixels).save(folder / cls / f"{i}.png")
-    return {"tmp": str(tmp_path / "t"), "file": str(plain), "folder": f"folder:{folder}"}
+    one = tmp_path / "one"
+    (one / "cat").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray((rng.random((28, 28)) * 255).astype(np.uint8)).save(
+            one / "cat" / f"{i}.png"
+        )
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    dims = np.array([2**22, 2**21, 2**21], ">u4").tobytes()  # 2**64 elements: 0 in int64
+    for split in ("t10k", "train"):
+        (idx / f"{split}-images-idx3-ubyte").write_bytes(bytes([0, 0, 0x08, 3]) + dims)
+        (idx / f"{split}-labels-idx1-ubyte").write_bytes(
+            bytes([0, 0, 0x08, 1]) + np.array([1], ">u4").tobytes() + bytes([0])
+        )
+    (tmp_path / "userraise.py").write_text("def build():\n    raise ValueError('bad')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return {
+        "tmp": str(tmp_path / "t"),
+        "file": str(plain),
+        "folder": f"folder:{folder}",
+        "oneclass": f"folder:{one}",
+        "idx": str(idx),
+    }
 
 
 @pytest.mark.parametrize("case, argv, code, words", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clean_line(case, argv, code, words, places, capsys):
     argv = [a.format(**places) for a in argv]
+    words = words.format(**places)
     assert run(argv) == code, case
     err = capsys.readouterr().err.strip()
     assert err.startswith("invariscope: error: ") and "\n" not in err, err

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import invariscope
+from invariscope.errors import InvariscopeError
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,13 @@ def run_demo(
 ) -> DemoContext:
     """Run the demo and ``echo`` a short summary per stage; return the context."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvariscopeError(
+            f"cannot create the demo folder '{out}' ({type(exc).__name__}: "
+            f"{exc.strerror or exc}); choose a folder you can write (--out)"
+        ) from None
     t0 = time.perf_counter()
     model, train_set, test_set, acc, cached = train_or_load(
         model_name,
