@@ -160,19 +160,18 @@ def places(tmp_path, monkeypatch):
 
     plain = tmp_path / "afile.txt"
     plain.write_text("not a directory")
-    folder = tmp_path / "imgs"
     rng = np.random.default_rng(0)
-    for cls in ("a", "b"):
-        (folder / cls).mkdir(parents=True)
-        for i in range(3):
-            pixels = (rng.random((28, 28)) * 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / cls / f"{i}.png")
-    one = tmp_path / "one"
-    (one / "cat").mkdir(parents=True)
-    for i in range(3):
-        Image.fromarray((rng.random((28, 28)) * 255).astype(np.uint8)).save(
-            one / "cat" / f"{i}.png"
-        )
+
+    def image_folder(root: Path, classes: tuple[str, ...]) -> Path:
+        for cls in classes:
+            (root / cls).mkdir(parents=True)
+            for i in range(3):
+                pixels = (rng.random((28, 28)) * 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / cls / f"{i}.png")
+        return root
+
+    folder = image_folder(tmp_path / "imgs", ("a", "b"))
+    one = image_folder(tmp_path / "one", ("cat",))
     idx = tmp_path / "idx"
     idx.mkdir()
     dims = np.array([2**22, 2**21, 2**21], ">u4").tobytes()  # 2**64 elements: 0 in int64

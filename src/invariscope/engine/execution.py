@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -357,10 +356,10 @@ class Forward:
             return outputs[0] if len(outputs) == 1 else outputs
         return torch.cat(outputs)
 
-    def set_format(self, channels_last: bool, names: Sequence[str] | None = None) -> None:
-        """Put the models (all, or ``names``) into the execution's memory format or back."""
+    def set_format(self, channels_last: bool) -> None:
+        """Put the models into the execution's memory format (True) or back (False)."""
         if not self.execution.channels_last:
             return
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        for name in names or list(self.models):
-            self.models[name].to(memory_format=fmt)
+        for model in self.models.values():
+            model.to(memory_format=fmt)

@@ -456,7 +456,7 @@ def run(
             f"memory format '{memory_format}' is not one of {', '.join(MEMORY_FORMATS)}"
         )
     if not (isinstance(timeout, int | float) and timeout > 0):
-        raise InvariscopeError(f"--timeout must be positive, got {timeout!r}")
+        raise InvariscopeError(f"{hint('timeout', '--timeout')} must be positive, got {timeout!r}")
     num_workers = _check_int("workers", num_workers, 0)
     if max_work is not None:
         max_work = _check_int("max-work", max_work, 1)
@@ -471,10 +471,12 @@ def run(
     if distributed_run and out is None:
         raise InvariscopeError(
             f"a distributed {name} (world size {world_size}) needs a run directory that all "
-            "ranks share; pass out=RUN_DIR (--out)"
+            "ranks share; pass " + hint("out=RUN_DIR", "--out RUN_DIR")
         )
     if figures and out is None:
-        raise InvariscopeError("figures need a run directory; pass out=RUN_DIR")
+        raise InvariscopeError(
+            "figures need a run directory; pass " + hint("out=RUN_DIR", "--out RUN_DIR")
+        )
     primary = next(iter(models.values()), None)
     dev = resolve_device(device) if device is not None else None
     if dev is None:
