@@ -117,6 +117,12 @@ def _ranks(run_dir: Path) -> dict[str, int]:
     }
 
 
+def _writes_per_part(run_dir: Path) -> int:
+    """Parquet files the first part of a stored run wrote (the kill points depend on it)."""
+    first = sorted(p for p in (run_dir / "parts").iterdir() if (p / "_done.json").is_file())[0]
+    return len(list(first.glob("*.parquet")))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -172,7 +178,7 @@ def reference(request, tmp_path_factory, checkpoint):
 
 
 def test_conformance_args_are_registered():
-    assert {"sweep", "worst_case"} <= set(ENTRIES)
+    assert {"sweep", "worst_case", "shift"} <= set(ENTRIES)
     for entry in ENTRIES.values():
         assert entry.conformance, f"{entry.name} registers no conformance arguments"
 
@@ -209,7 +215,8 @@ def test_sigkill_mid_run_then_same_command_resumes(reference, checkpoint, driver
     entry, _, stored = reference
     out = tmp_path / "run"
     argv = _argv(entry, checkpoint, out)
-    proc = _launch(driver, argv, 0, KILL_AT="4")
+    # killed in the middle of its second part (the 4th write for two tables per part)
+    proc = _launch(driver, argv, 0, KILL_AT=str(_writes_per_part(reference[1]) + 2))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert _status(out) == "running" and not (out / "aggregates").exists()
     done = _ranks(out)
@@ -237,7 +244,8 @@ def test_run_whose_rank_died_resumes_with_another_world_size(
     entry, _, stored = reference
     out = tmp_path / "run"
     argv = _argv(entry, checkpoint, out)
-    proc = _launch(driver, argv, 2, KILL_AT="2", KILL_RANK="1")
+    # rank 1 dies at the last write of its first part, before its done-marker
+    proc = _launch(driver, argv, 2, KILL_AT=str(_writes_per_part(reference[1])), KILL_RANK="1")
     assert proc.returncode != 0
     assert _status(out) == "running" and not (out / "aggregates").exists()
     first = _ranks(out)

@@ -11,7 +11,16 @@ import click
 from invariscope.errors import InvariscopeError, command_line
 
 # Sub-command modules; each defines commands decorated with ``@cli.command``.
-COMMAND_MODULES = ("listing", "train", "demo", "sweep", "render", "report")
+COMMAND_MODULES = (
+    "listing",
+    "train",
+    "demo",
+    "sweep",
+    "shift",
+    "antialias",
+    "render",
+    "report",
+)
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

@@ -197,8 +197,17 @@ def pop_common(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {name: kwargs.pop(name) for name in COMMON}
 
 
-def run_analysis_command(analysis, common: dict[str, Any], *, options: dict | None = None):
+def run_analysis_command(
+    analysis,
+    common: dict[str, Any],
+    *,
+    options: dict | None = None,
+    extra_models: dict[str, str] | None = None,
+):
     """Load the model and data named by ``common``, and run ``analysis`` on the engine.
+
+    ``extra_models`` names further models by role (``{"baseline": "base.ckpt"}``),
+    loaded like ``--model`` (same ``--input-size`` / ``--resize``).
 
     Under ``torchrun`` this process joins the process group first (``gloo`` on the CPU,
     ``nccl`` with ``--device cuda``, where process i uses ``cuda:LOCAL_RANK``) and
@@ -230,6 +239,10 @@ def run_analysis_command(analysis, common: dict[str, Any], *, options: dict | No
         if analysis.models
         else {}
     )
+    for role, spec in (extra_models or {}).items():
+        models[role] = load_model(
+            spec, None, input_size=common["input_size"], resize=True if common["resize"] else None
+        )
     datasets = {"data": create_dataset(data_spec, split=split)} if analysis.datasets else {}
     started = init_distributed(dev, timeout=common["timeout"])
     try:

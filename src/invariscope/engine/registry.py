@@ -39,6 +39,7 @@ __all__ = [
 BUILTIN_MODULES = (
     "invariscope.measure.sweep",
     "invariscope.measure.worst_case",
+    "invariscope.measure.shift",
 )
 
 

@@ -10,10 +10,14 @@
   dataset's differ.
 * :func:`capture_activations` / :class:`ActivationCapture` -- layer outputs from one
   forward pass via hooks that are always removed.
+* :func:`antialias` -- an anti-aliased copy of any network (``blurpool``: Zhang 2019;
+  ``avgpool``: Azulay & Weiss 2019; ``aps``: Chaman & Dokmanic 2021), with
+  :class:`BlurPool2d` and :class:`PolyphaseDown`.
 """
 
 from invariscope.models import nets  # noqa: F401  (registers the built-in architectures)
 from invariscope.models.adapters import IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD
+from invariscope.models.antialias import ANTIALIAS_METHODS, BlurPool2d, PolyphaseDown, antialias
 from invariscope.models.capture import ActivationCapture, capture_activations
 from invariscope.models.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from invariscope.models.classifier import Classifier, check_class_names, default_layer_names
@@ -28,8 +32,10 @@ from invariscope.models.registry import (
 )
 
 __all__ = [
+    "ANTIALIAS_METHODS",
     "ActivationCapture",
     "BasicBlock",
+    "BlurPool2d",
     "Classifier",
     "FORMAT_VERSION",
     "IMAGENET_MEAN",
@@ -37,9 +43,11 @@ __all__ = [
     "MNIST_MEAN",
     "MNIST_STD",
     "ModelInfo",
+    "PolyphaseDown",
     "SimpleCNN",
     "SmallResNet",
     "SmallVGG",
+    "antialias",
     "capture_activations",
     "check_class_names",
     "create_model",

@@ -14,6 +14,9 @@ Contents (a dict of tensors and plain Python values, so it loads with
 ``train_config``       the training configuration (plain values) or None
 ``data_fingerprint``   the training data's fingerprint (str) or None
 ``extra``              anything else the caller stores (plain values) or None
+``antialias``          optional: the model's ``antialias`` record (method, filter_size,
+                       pool_size, padding, ...; see :func:`~invariscope.models.antialias`)
+                       or None; loading re-applies the conversion before the weights
 ``invariscope_version``, ``torch_version``: the versions that wrote the file
 =====================  ====================================================================
 
@@ -45,6 +48,7 @@ from invariscope.models.adapters import (
     load_state,
     torch_load,
 )
+from invariscope.models.antialias import antialias
 from invariscope.models.classifier import Classifier
 
 __all__ = ["FORMAT_VERSION", "is_checkpoint", "save_checkpoint", "load_checkpoint"]
@@ -138,6 +142,7 @@ def save_checkpoint(
         "train_config": _plain(train_config, "train_config"),
         "data_fingerprint": data_fingerprint,
         "extra": _plain(extra, "extra"),
+        "antialias": _plain(getattr(model, "antialias", None), "antialias"),
         "state_dict": OrderedDict((k, v.detach().to("cpu")) for k, v in model.state_dict().items()),
     }
     path = Path(path)
@@ -228,9 +233,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[Classifier, dict[str,
 
     Returns:
         ``(model, meta)``: the model in eval mode on the CPU, with the saved weights,
-        preprocessing and class names; ``meta`` is the checkpoint without its
-        ``state_dict`` (``arch``, ``arch_kwargs``, ``preprocessing``, ``class_names``,
-        ``train_config``, ``data_fingerprint``, ``extra``, versions).
+        preprocessing and class names (anti-aliased again when the checkpoint says so);
+        ``meta`` is the checkpoint without its ``state_dict`` (``arch``,
+        ``arch_kwargs``, ``preprocessing``, ``class_names``, ``train_config``,
+        ``data_fingerprint``, ``extra``, ``antialias``, versions).
 
     Raises:
         InvariscopeError: missing, corrupt or foreign file, an architecture that cannot
@@ -251,6 +257,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[Classifier, dict[str,
         class_names=ckpt["class_names"],
         validate=False,
     )
+    spec = ckpt.get("antialias")
+    if spec is not None:  # rebuild the anti-aliased layers, then load their weights
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("method"), str):
+            raise _corrupt(path, "'antialias' is not a dict with a 'method'")
+        options = {k: spec[k] for k in ("filter_size", "pool_size", "padding") if k in spec}
+        model = antialias(model, spec["method"], **options)
     load_state(model, ckpt["state_dict"], str(path))
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    meta.setdefault("antialias", None)
     return model.eval(), meta
