@@ -165,7 +165,7 @@ def _report(result, out) -> None:
             f"{_fmt(r.accuracy):>6} {_fmt(r.jagged):>7} {_fmt(r.p_top1_change):>8} "
             f"{_fmt(r.fp):>6} {_fmt(r.t5d, 2):>6} {_fmt(r.mad):>6} {_fmt(r.consistency):>8}"
         )
-    if "mfr" in result.summary:
+    if result.summary.get("mfr") is not None:
         click.echo(f"flip rate relative to the baseline (mFR): {result.summary['mfr']:.3f}")
     if out is not None:
         click.echo(f"tables and {len(result.figures) // 2} figures written to {out}")

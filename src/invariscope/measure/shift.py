@@ -294,6 +294,33 @@ def _model_layers(model: nn.Module) -> list[str]:
     return list(names) if names is not None else default_layer_names(model)
 
 
+def activation_layers(model: nn.Module, sample: torch.Tensor) -> list[str]:
+    """The default layers for nonshiftability: the probe-able layers whose output on
+    ``sample`` is a 4-D map with no negative value (ReLU outputs, pools of them, residual
+    blocks ending in a ReLU), as in Azulay & Weiss, who count activity. A signed map (a
+    convolution before its normalisation and ReLU) can have a global sum near zero, where
+    a "20% change of the mean" means nothing. If no layer qualifies, every 4-D layer."""
+    names = _model_layers(model)
+    low: dict[str, float] = {}
+
+    def hook(name):
+        def record(module, inputs, output) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                low[name] = min(low.get(name, np.inf), float(output.detach().float().amin()))
+
+        return record
+
+    handles = [resolve_layer(model, n).register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            model(sample)
+    finally:
+        for h in handles:
+            h.remove()
+    four_d = [n for n in names if n in low]
+    return [n for n in four_d if low[n] >= 0] or four_d
+
+
 class ShiftAnalysis(Analysis):
     """Small-shift stability of a classifier (and optionally a baseline) on the engine.
 
@@ -344,6 +371,7 @@ class ShiftAnalysis(Analysis):
             raise InvariscopeError(f"protocol listed twice: {', '.join(names)}")
         self.models = ("model", "baseline") if baseline else ("model",)
         self.layers = None if layers is None else [str(n) for n in layers]
+        self.resolved_layers: dict[str, list[str]] = {}
         if isinstance(consistency_pairs, bool) or int(consistency_pairs) != consistency_pairs:
             raise InvariscopeError(f"consistency pairs must be an integer, got {consistency_pairs}")
         if consistency_pairs < 0:
@@ -377,6 +405,12 @@ class ShiftAnalysis(Analysis):
         h, w = self._size(ctx)
         for p in self.protocols:
             p.check(h, w)
+        if self.layers is None:  # the default: the model's activation layers
+            x, _ = ctx.datasets["data"][int(ctx.indices["data"][0])]
+            x = torch.as_tensor(x)[None].to(ctx.device)
+            self.resolved_layers = {
+                role: activation_layers(ctx.models[role], x) for role in self.models
+            }
         for role in self.models:
             for layer in self.layers or ():
                 try:
@@ -396,7 +430,7 @@ class ShiftAnalysis(Analysis):
     def config(self) -> dict[str, Any]:
         return {
             "protocols": [asdict(p) for p in self.protocols],
-            "layers": self.layers,
+            "layers": self.layers if self.layers is not None else self.resolved_layers,
             "consistency_pairs": self.consistency_pairs,
             "consistency_range": self.consistency_range,
             "map_threshold": self.map_threshold,
@@ -424,8 +458,8 @@ class ShiftAnalysis(Analysis):
         ]
 
     # -- computing
-    def _layers(self, model: nn.Module) -> list[str]:
-        return _model_layers(model) if self.layers is None else self.layers
+    def _layers(self, role: str) -> list[str]:
+        return self.resolved_layers.get(role, self.layers or [])
 
     def compute(self, part: Part, ctx, batch: Batch) -> dict[str, pd.DataFrame]:
         protocol = self.protocols[part.key]
@@ -438,7 +472,7 @@ class ShiftAnalysis(Analysis):
                 protocol,
                 batch,
                 num_classes=ctx.num_classes,
-                layers=self._layers(ctx.models[role]),
+                layers=self._layers(role),
                 forward_batch=ctx.forward_batch,
                 pairs=self.consistency_pairs,
                 offsets=self._range(protocol, batch.x.shape[-2], batch.x.shape[-1]),
@@ -508,7 +542,8 @@ class ShiftAnalysis(Analysis):
             m = aggregates["mfr"]
             mean = m[m["protocol"] == "mean"]
             if len(mean):
-                result["mfr"] = float(mean["fr"].iloc[0])
+                fr = float(mean["fr"].iloc[0])
+                result["mfr"] = None if np.isnan(fr) else fr
         return result
 
 

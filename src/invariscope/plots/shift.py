@@ -73,6 +73,16 @@ FLIP_RATE_LABEL = "flip rate relative to baseline (mFR)"
 
 # --------------------------------------------------------------------------- context
 
+#: The tables with ``model`` and ``protocol`` columns, in the order that sets the defaults.
+_MODEL_TABLES = (
+    "shift_summary",
+    "pcorrect",
+    "nonshiftability",
+    "nonshiftability_mean",
+    "layer_sums",
+    "mfr",
+)
+
 
 @dataclass
 class _Context:
@@ -86,10 +96,10 @@ class _Context:
     @classmethod
     def of(cls, tables: Mapping[str, pd.DataFrame]) -> _Context:
         roles: list[str] = []
-        for name in ("shift_summary", "pcorrect", "nonshiftability", "layer_sums", "mfr"):
+        for name in _MODEL_TABLES:
             table = tables.get(name)
             if table is not None and "model" in table.columns:
-                roles += [str(m) for m in table["model"]]
+                roles += list(table["model"].astype(str).unique())
         given: dict[str, str] = {}
         models = tables.get("models")
         if models is not None and len(models):
@@ -115,10 +125,10 @@ class _Context:
                     for k in ("unit", "reference", "direction")
                 }
                 order.append(str(r["protocol"]))
-        for name in ("shift_summary", "pcorrect", "nonshiftability", "layer_sums", "mfr"):
+        for name in _MODEL_TABLES:
             table = tables.get(name)
             if table is not None and "protocol" in table.columns:
-                order += [str(p) for p in table["protocol"] if str(p) != "mean"]
+                order += [p for p in table["protocol"].astype(str).unique() if p != "mean"]
         rank = {p: i for i, p in enumerate(dict.fromkeys(order))}
         return cls(labels, protocols, rank, _names(tables.get("classes")))
 
