@@ -56,9 +56,9 @@ def _train(name, model, train_set, test_set, epochs, augment=None):
         progress=False,
         augment=augment,
     )
+    per_epoch = ", ".join(f"{a:.3f}" for a in result.history["test_accuracy"])
     print(
-        f"  trained {name}: test accuracy {result.test_accuracy:.4f} "
-        f"({time.perf_counter() - t:.0f} s)",
+        f"  trained {name}: test accuracy by epoch {per_epoch} ({time.perf_counter() - t:.0f} s)",
         flush=True,
     )
     return model.eval(), result.test_accuracy

@@ -269,3 +269,40 @@ def test_bad_input_is_one_line():
             layers=["net.nope"],
             progress=False,
         )
+
+
+def test_command_with_a_baseline_writes_the_run_figures_and_report(tmp_path, capsys):
+    from invariscope.cli import run
+    from invariscope.models import save_checkpoint
+    from invariscope.report import build_report
+    from invariscope.runs import RunStore
+
+    torch.manual_seed(0)
+    base = create_model("simple-cnn")
+    save_checkpoint(base, tmp_path / "base.pt")
+    save_checkpoint(antialias(base, "blurpool"), tmp_path / "blur.pt")
+    out = tmp_path / "run"
+    argv = ["shift", "--model", str(tmp_path / "blur.pt"), "--baseline", str(tmp_path / "base.pt")]
+    argv += ["--data", "digits", "--protocol", "crop,sequence:gaussian_noise", "--steps", "4"]
+    argv += ["--images", "12", "--consistency-pairs", "2", "--no-progress", "--out", str(out)]
+    assert run(argv) == 0
+    printed = capsys.readouterr().out
+    assert "blur.pt" in printed and "base.pt" in printed and "sequence:gaussian_noise" in printed
+    store = RunStore.open(out)
+    assert store.is_complete
+    labels = store.read_aggregate("models").set_index("model")["label"].to_dict()
+    assert labels == {"model": "blur.pt", "baseline": "base.pt"}
+    protocols = store.read_aggregate("protocols").set_index("protocol")
+    assert protocols.loc["sequence:gaussian_noise", "reference"] == "first"
+    mfr = store.read_aggregate("mfr")
+    assert list(mfr["protocol"]) == ["crop", "sequence:gaussian_noise", "mean"]
+    figures = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert figures == [
+        "shift_flip_rate.png",
+        "shift_layer_sums.png",
+        "shift_nonshiftability.png",
+        "shift_pcorrect.png",
+        "shift_stability.png",
+    ]
+    html = build_report([out], tmp_path / "report").read_text()
+    assert "Small-shift stability" in html and "shift_summary" in html

@@ -275,14 +275,14 @@ def antialiased_or_load(
 def shift_stage(ctx: DemoContext) -> str:
     """Demo stage of the ``shift`` analysis: the demo model against its BlurPool version
     (fine-tuned 2 epochs) under 1-pixel vertical shifts of the embedded image (inpainted
-    canvas) and circular shifts, on 200 test images."""
+    canvas) and 1-pixel shifted crops, on 200 test images."""
     from invariscope.measure.shift import shift_stability
 
     aa, aa_acc = antialiased_or_load(ctx, "blurpool")
     res = shift_stability(
         aa,
         ctx.test_set,
-        ["embed", "circular"],
+        ["embed", "crop"],
         baseline=ctx.model,
         steps=12,
         images=min(200, len(ctx.test_set)),
@@ -295,7 +295,7 @@ def shift_stage(ctx: DemoContext) -> str:
     )
     s = res.summary.set_index(["model", "protocol"])
     lines = [f"BlurPool version fine-tuned to test accuracy {aa_acc:.3f}"]
-    for protocol in ("embed", "circular"):
+    for protocol in ("embed", "crop"):
         b, m = s.loc[("baseline", protocol)], s.loc[("model", protocol)]
         lines.append(
             f"{protocol}: jagged {b.jagged:.3f} -> {m.jagged:.3f}, P(top-1 change) "

@@ -155,13 +155,15 @@ def _report(result, out) -> None:
     s = result.aggregates["shift_summary"]
     labels = dict(result.aggregates["models"][["model", "label"]].itertuples(index=False))
     click.echo(f"{result.summary['num_images']} images")
+    mw = max(5, *(len(str(v)) for v in labels.values()))
+    pw = max(8, *(len(p) for p in s["protocol"]))
     click.echo(
-        f"  {'model':<24} {'protocol':<18} {'acc':>6} {'jagged':>7} {'P(flip)':>8} "
+        f"  {'model':<{mw}} {'protocol':<{pw}} {'acc':>6} {'jagged':>7} {'P(flip)':>8} "
         f"{'FP':>6} {'T5D':>6} {'MAD':>6} {'consist':>8}"
     )
     for r in s.itertuples(index=False):
         click.echo(
-            f"  {labels.get(r.model, r.model)[:24]:<24} {r.protocol[:18]:<18} "
+            f"  {labels.get(r.model, r.model):<{mw}} {r.protocol:<{pw}} "
             f"{_fmt(r.accuracy):>6} {_fmt(r.jagged):>7} {_fmt(r.p_top1_change):>8} "
             f"{_fmt(r.fp):>6} {_fmt(r.t5d, 2):>6} {_fmt(r.mad):>6} {_fmt(r.consistency):>8}"
         )
