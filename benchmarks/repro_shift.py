@@ -14,7 +14,7 @@ augmentation is not enough (Azulay & Weiss 2019, section 4).
    half size, embedded and shifted 1 pixel at a time).
 
 Prints markdown tables (the README quotes them) and writes the run directories under
-``--out`` (figures included). About 25 minutes on 2 CPU cores with the defaults.
+``--out`` (figures included). About 10 minutes on 2 CPU cores with the defaults.
 
 Usage::
 
@@ -72,7 +72,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("repro-shift"))
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()

@@ -10,7 +10,7 @@ def test_demo_trains_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
     argv = ["demo", "--out", str(tmp_path / "out"), "--epochs", "1", "--no-progress"]
     assert run(argv) == 0
     first = capsys.readouterr().out
-    assert "trained for 1 epochs" in first and "[sweep]" in first
+    assert "trained for 1 epochs" in first and "[sweep]" in first and "[shift]" in first
     cached = list((tmp_path / "cache" / "models").glob("simple-cnn_digits_*.pt"))
     assert len(cached) == 1
     assert run(argv) == 0
@@ -27,10 +27,13 @@ def test_demo_trains_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
     assert acc[0] == acc[1]
     sweep_lines = [stage_lines(text, "[sweep]") for text in (first, second)]
     assert sweep_lines[0] == sweep_lines[1]
+    # the BlurPool version is cached too: the same shift summary
+    assert stage_lines(first, "[shift]") == stage_lines(second, "[shift]")
+    assert len(list((tmp_path / "cache" / "models").glob("simple-cnn-blurpool_*.pt"))) == 1
     assert (
         tmp_path / "out" / "sweep" / "screening" / "figures" / "accuracy.png"
     ).stat().st_size > 10_000
     # another epoch count is another cache entry, not a wrong reuse
     assert run(["demo", "--out", str(tmp_path / "out2"), "--epochs", "2", "--no-progress"]) == 0
     assert "trained for 2 epochs" in capsys.readouterr().out
-    assert len(list((tmp_path / "cache" / "models").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "cache" / "models").glob("simple-cnn_digits_*.pt"))) == 2

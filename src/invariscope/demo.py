@@ -248,7 +248,7 @@ def antialiased_or_load(
         },
         sort_keys=True,
     )
-    path = cache_path(f"{type(ctx.model).__name__}-{method}", "demo", key)
+    path = cache_path(f"{getattr(ctx.model, 'arch', None) or 'model'}-{method}", "demo", key)
     if path.exists():
         try:
             model, _ = load_checkpoint(path)
