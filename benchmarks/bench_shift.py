@@ -15,7 +15,9 @@ Prints, measured in one run:
 (b) for comparison, one forward pass per layer (a hook on one layer at a time, what a
     per-layer loop would do) over the bare forward;
 (c) the whole ``shift_stability(...)`` call (frames, forward with hooks, tables, in
-    memory; one protocol, no consistency pairs) per frame over the floor.
+    memory; one protocol, no consistency pairs; the floor's memory format and batch
+    given, since a run this small is not worth timing) per frame over the floor. It
+    includes the pre-flight and the one-image probe that picks the activation layers.
 
 Usage::
 
@@ -137,11 +139,16 @@ def main() -> None:
             steps=steps,
             consistency_pairs=0,
             batch_size=images,
+            forward_batch=bs,
+            memory_format=fmt,
             progress=False,
         )
 
     t_whole = _timed(whole, 1 if args.quick else 2)
-    print(f"  (c) shift_stability per frame / floor: {t_whole / n / floor:.3f}")
+    print(
+        f"  (c) shift_stability per frame / floor ({fmt}, forward batch {bs}): "
+        f"{t_whole / n / floor:.3f}"
+    )
 
 
 if __name__ == "__main__":
