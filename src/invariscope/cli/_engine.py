@@ -180,11 +180,28 @@ _OPTIONS = [
 ]
 
 
-def engine_options(command):
-    """Add the common options of every analysis command (see the module docstring)."""
-    for option in reversed(_OPTIONS):
-        command = option(command)
-    return command
+def engine_options(command=None, *, model_aliases: tuple[str, ...] = ()):
+    """Add the common options of every analysis command (see the module docstring).
+
+    ``@engine_options`` or ``@engine_options(model_aliases=("--model-a",))``: the
+    aliases are further names of ``--model`` (a two-model command's first model).
+    """
+
+    def decorate(cmd):
+        for option in reversed(_OPTIONS):
+            if model_aliases and option is _OPTIONS[0]:
+                option = click.option(
+                    *model_aliases,
+                    "--model",
+                    "model_spec",
+                    required=True,
+                    help="The (first) model: checkpoint path, registered name, "
+                    "package.module:factory, torchvision:NAME or timm:NAME.",
+                )
+            cmd = option(cmd)
+        return cmd
+
+    return decorate if command is None else decorate(command)
 
 
 def split_list(text: str | None) -> list[str]:
