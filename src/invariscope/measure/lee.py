@@ -1,0 +1,758 @@
+"""The Lie derivative and the local equivariance error (LEE) of Gruver et al. (2023).
+
+For a one-parameter family of image transformations ``T_t`` (``t`` in the family's
+natural unit, ``T_0`` the identity), the *Lie derivative* of a classifier's logits
+``f`` at an image ``x`` is::
+
+    L f(x) = d/dt f(T_t x) |_{t = 0}          (a vector [K], one entry per logit)
+
+(the logits are meant to be invariant, so the group acts trivially on them). An exactly
+invariant model has ``L f(x) = 0``. The measures stored per image:
+
+- ``lee``: ``||L f(x)||^2 = sum_k (L f(x))_k^2``, the squared l2 norm over the logits:
+  the quantity of Gruver et al.'s equation; its mean over images is the LEE;
+- ``lee_abs``: ``sum_k |(L f(x))_k|``, the l1 norm over the logits (Gruver et al.'s
+  released script takes absolute values instead of squares);
+- ``lee_prob_abs``: ``mean_k |(L p(x))_k|`` with ``p = softmax(f)``: exactly the number
+  Gruver et al.'s released script (``lee/e2e_lee.py``) averages, which differentiates the
+  softmax probabilities and averages the absolute values over the classes
+  (``L p = p * (L f - <p, L f>)``, from the same derivative).
+
+Units (the derivative is per unit of ``t``; the registry magnitude is a function of t):
+
+============================  ==================  =========================================
+transform                     unit of t           registry magnitude
+============================  ==================  =========================================
+translate_x / translate_y     pixel               fraction ``t / W`` / ``t / H``
+rotation                      degree              ``t`` degrees (counter-clockwise)
+zoom, scale_x, scale_y        log-scale           factor ``exp(t)``
+shear_x / shear_y             shear factor        ``k = t``
+brightness                    intensity           ``I + t`` (not clamped)
+contrast                      log-factor          ``exp(t) I`` (not clamped)
+grayscale                     blend weight        ``(1 - t) I + t gray(I)`` (not clamped)
+============================  ==================  =========================================
+
+Other registered continuous transformations with a scalar, differentiable magnitude are
+taken as ``identity + t`` in their registry unit. Refused, with a one-line error:
+discrete ones (``hflip``, ``vflip``, ``rot90``: no derivative), ``affine`` (a matrix,
+not a one-parameter family), ``gaussian_blur`` (blurs form a semigroup in ``sigma^2``
+with no inverse, and ``sigma -> blur`` is not differentiable at the identity
+``sigma = 0``: the kernel collapses to a delta, ``d/dsigma`` is 0 one way and undefined
+the other) and ``gaussian_noise`` (``I + v z`` moves the image along a random
+direction ``z``: its "derivative" is a directional derivative along noise, not an
+equivariance of the content).
+
+Differentiation: ``g(t) = f(T(x, m(t)))`` with ``t`` a zero vector ``[B]`` and tangent
+ones, through the one warp core (:func:`~invariscope.transforms.warp_affine`) and
+:func:`torch.autograd.functional.jvp` (the double-backward trick: ``torch.func.jvp``
+has no forward-mode rule for ``grid_sample``). One jvp gives every image's derivative,
+since each image's output depends only on its own ``t``. Only ``t`` is differentiated:
+nothing accumulates into the model's parameters, and the model runs in eval mode.
+
+Bilinear resampling has kinks at integer sample positions; at ``t = 0`` every sample
+lies exactly on a pixel centre, and ``grid_sample``'s backward uses floor-based weights:
+the derivative is taken with the FORWARD difference of the image along each axis
+(``I(x + 1) - I(x)``, zero outside, as the warp core fills with zeros). For a
+translation by ``t`` pixels to the right this is the left derivative in ``t``
+(``(f(T_{-h} x) - f(x)) / (-h)``, ``h -> 0+``); Gruver et al.'s own ``grid_sample``
+implementation has the same convention.
+
+Per layer (``lee_layers``): each probe-able layer ``Gamma_i`` with a 4-D output gets its
+own representation's equivariance error::
+
+    L_i(x) = d/dt [ T^{(i)}_{-t} Gamma_i(T_t x) ] |_{t = 0}
+
+with ``T^{(i)}`` the same transformation acting on the feature map at its own resolution:
+the same registry magnitude applied to the map's pixel grid (a translation by ``t / W``
+of the map's width, i.e. ``t * W_i / W`` map pixels; rotation, zoom and shear about the
+map's centre), zeros outside, bilinear; photometric transformations act trivially on
+feature maps (an invariance: ``L_i = d/dt Gamma_i(T_t x)``), and so does every
+transformation on a ``1 x 1`` map (a global pool). Stored: ``lee`` = the mean over the
+map's elements of ``L_i(x)^2`` (so layers of different sizes compare) and ``lee_rel`` =
+that over the mean of ``Gamma_i(x)^2`` (NaN for an all-zero map). This is each layer's
+own equivariance error, a simpler attribution than Gruver et al.'s additive
+decomposition of the output's Lie derivative into per-layer contributions (not
+implemented here). The map's scale ``W_i / W`` is right for 'same'-padded networks
+(stride s gives ``W / s``); for layers that crop (valid convolutions) the ratio
+under-states how far the map moves, and the error then includes that mismatch.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    >>> d = lie_derivatives(model, torch.rand(2, 1, 8, 8), "brightness")
+    >>> d.tangent.shape
+    torch.Size([2, 2])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from invariscope.engine import Analysis, AnalysisEntry, Batch, Part, part_id, register_analysis
+from invariscope.engine import run as run_analysis
+from invariscope.errors import InvariscopeError
+from invariscope.models.capture import resolve_layer
+from invariscope.models.classifier import default_layer_names
+from invariscope.transforms import get_transform, list_transforms, warp_affine
+from invariscope.transforms.registry import TransformSpec
+
+__all__ = [
+    "LEEAnalysis",
+    "LEEResult",
+    "LieDerivatives",
+    "LieFamily",
+    "lee_summary",
+    "lie_derivative",
+    "lie_derivatives",
+    "lie_family",
+]
+
+PART_TABLES = ("lee", "lee_layers")
+AGGREGATE_TABLES = ("lee_summary", "lee_layers_mean", "transforms", "classes")
+Z95 = 1.96
+
+
+# --------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class LieFamily:
+    """A one-parameter family ``t -> T_t`` built on a registered transformation.
+
+    Attributes:
+        name: the registered transformation.
+        unit: the unit of ``t`` (the derivative is per this unit).
+        magnitude_text: the registry magnitude as a function of ``t``.
+        param: ``param(t [B], H, W) -> registry magnitude [B]`` (H, W of the IMAGE).
+        spec: the :class:`~invariscope.transforms.registry.TransformSpec`.
+    """
+
+    name: str
+    unit: str
+    magnitude_text: str
+    param: Callable[[torch.Tensor, int, int], torch.Tensor]
+    spec: TransformSpec
+
+    @property
+    def geometric(self) -> bool:
+        return self.spec.kind == "geometric"
+
+    def apply(self, images: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``T_t images``: geometric ones through the warp core (zeros outside, bilinear);
+        photometric ones without clamping (the derivative of the formula at the identity)."""
+        H, W = images.shape[-2:]
+        m = self.param(t, H, W)
+        if self.geometric:
+            return warp_affine(images, self.spec.matrix_fn(m, H, W))
+        options = {"clamp": False} if "clamp" in self.spec.options else {}
+        return self.spec(images, m, **options)
+
+    def act_on_map(self, fmap: torch.Tensor, t: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """``T^{(i)}_t`` on a feature map ``[B, C, H_i, W_i]`` of an ``H x W`` image: the same
+        registry magnitude on the map's own pixel grid (about its centre); the identity for
+        photometric families and ``1 x 1`` maps."""
+        h, w = fmap.shape[-2:]
+        if not self.geometric or (h == 1 and w == 1):
+            return fmap
+        m = self.param(t, H, W).to(fmap.dtype)
+        return warp_affine(fmap, self.spec.matrix_fn(m, h, w))
+
+
+def _same(t, H, W):
+    return t
+
+
+def _exp(t, H, W):
+    return torch.exp(t)
+
+
+_KNOWN: dict[str, tuple[str, str, Callable]] = {
+    "translate_x": ("pixel", "fraction of width = t / W", lambda t, H, W: t / W),
+    "translate_y": ("pixel", "fraction of height = t / H", lambda t, H, W: t / H),
+    "rotation": ("degree", "angle = t degrees", _same),
+    "zoom": ("log-scale", "factor = exp(t)", _exp),
+    "scale_x": ("log-scale", "factor = exp(t)", _exp),
+    "scale_y": ("log-scale", "factor = exp(t)", _exp),
+    "shear_x": ("shear factor", "k = t", _same),
+    "shear_y": ("shear factor", "k = t", _same),
+    "brightness": ("intensity", "v = t (I + t, not clamped)", _same),
+    "contrast": ("log-factor", "factor = exp(t) (exp(t) I, not clamped)", _exp),
+    "grayscale": ("blend weight", "v = t ((1 - t) I + t gray(I), not clamped)", _same),
+}
+
+_REFUSED = {
+    "gaussian_blur": (
+        "gaussian_blur has no Lie derivative: blurs form a semigroup in sigma^2 with no "
+        "inverse, and sigma -> blur is not differentiable at the identity sigma = 0"
+    ),
+    "gaussian_noise": (
+        "gaussian_noise has no Lie derivative: I + v z moves the image along a random "
+        "direction z, not along a transformation of its content; use a sweep instead"
+    ),
+    "affine": (
+        "affine is not a one-parameter family (its magnitude is a [2, 3] matrix); name one "
+        "such as rotation, translate_x or zoom"
+    ),
+}
+
+
+def lie_family(name: str) -> LieFamily:
+    """The one-parameter family of a registered transformation, in its natural unit.
+
+    Raises:
+        InvariscopeError: unknown, discrete, matrix-valued or non-differentiable
+            transformations, ``gaussian_blur`` and ``gaussian_noise`` (one line, why).
+    """
+    if name not in list_transforms():
+        get_transform(str(name))  # raises the registry's "unknown transform" error
+    spec = get_transform(name)
+    if name in _REFUSED:
+        raise InvariscopeError(_REFUSED[name])
+    if spec.kind == "discrete" or spec.integer:
+        raise InvariscopeError(
+            f"{name} is a discrete transformation with no Lie derivative (no continuous "
+            "one-parameter family); name a continuous one such as rotation or translate_x"
+        )
+    if spec.magnitude_shape or not spec.differentiable:
+        raise InvariscopeError(
+            f"{name} has no Lie derivative here (its magnitude is not a differentiable "
+            "scalar); name one such as rotation, translate_x or zoom"
+        )
+    if name in _KNOWN:
+        unit, text, param = _KNOWN[name]
+    else:
+        ident = float(spec.identity)
+        unit, text = spec.unit, f"{spec.symbol} = {ident:g} + t"
+
+        def param(t, H, W, _i=ident):
+            return t + _i
+
+    return LieFamily(name, unit, text, param, spec)
+
+
+# ------------------------------------------------------------------------ derivatives
+
+
+@dataclass
+class LieDerivatives:
+    """What :func:`lie_derivatives` returns (detached, in the model's output dtype, on the
+    images' device).
+
+    Attributes:
+        logits: ``f(x)`` ``[B, K]``.
+        tangent: ``L f(x) = d/dt f(T_t x)|_{t=0}`` ``[B, K]`` (per unit of t).
+        layers: ``{layer: (L_i(x) [B, C, H_i, W_i], Gamma_i(x) [B, C, H_i, W_i])}``.
+    """
+
+    logits: torch.Tensor
+    tangent: torch.Tensor
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def lie_derivatives(
+    model: nn.Module,
+    images: torch.Tensor,
+    transform: str | LieFamily,
+    *,
+    layers: Sequence[str] = (),
+    base: float = 0.0,
+) -> LieDerivatives:
+    """Lie derivatives of ``model``'s logits (and of its layers' maps) on a batch.
+
+    ``g(t) = f(T(x, m(base + t)))`` is differentiated at ``t = 0`` for every image at once
+    with :func:`torch.autograd.functional.jvp` (double backward through the warp core);
+    for each layer, ``T^{(i)}_{-(base + t)} Gamma_i(T_{base + t} x)`` is differentiated in
+    the same pass. ``base`` (default 0, the Lie derivative) moves the point of
+    differentiation, e.g. to a non-integer sample position for checks against finite
+    differences. The model is put in eval mode for the call (and restored); only ``t`` is
+    differentiated, so no gradient reaches the model's parameters.
+
+    Args:
+        model: images ``[B, C, H, W]`` in ``[0, 1]`` -> logits ``[B, K]``.
+        images: the batch, ``[B, C, H, W]``.
+        transform: a registered transformation name or a :class:`LieFamily`.
+        layers: probe-able layer names whose 4-D outputs get their own derivative.
+    """
+    family = transform if isinstance(transform, LieFamily) else lie_family(transform)
+    if images.dim() != 4:
+        raise InvariscopeError(f"images must be [B, C, H, W], got shape {list(images.shape)}")
+    H, W = images.shape[-2:]
+    names = list(dict.fromkeys(str(n) for n in layers))
+    captured: dict[str, Any] = {}
+
+    def hook(name):
+        def record(module, inputs, output) -> None:
+            captured[name] = output
+
+        return record
+
+    handles = [resolve_layer(model, n).register_forward_hook(hook(n)) for n in names]
+    was_training = model.training
+    model.eval()
+    x = images.detach()
+    t0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+
+    def g(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        captured.clear()
+        s = t + base
+        logits = model(family.apply(x, s))
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise InvariscopeError(
+                f"the model must return logits [B, K], got {getattr(logits, 'shape', type(logits))}"
+            )
+        maps = []
+        for n in names:
+            a = captured.get(n)
+            if not isinstance(a, torch.Tensor) or a.dim() != 4:
+                shape = list(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+                raise InvariscopeError(
+                    f"layer '{n}' has no 4-D feature map output (got {shape}); pick layers "
+                    "whose output is [B, C, H, W], or --layers none"
+                )
+            maps.append(family.act_on_map(a, -s, H, W))
+        return (logits, *maps)
+
+    try:
+        with torch.enable_grad():
+            outputs, tangents = torch.autograd.functional.jvp(
+                g, t0, torch.ones_like(t0), create_graph=False, strict=False
+            )
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        captured.clear()
+    out = [o.detach() for o in outputs]
+    tan = [d.detach() for d in tangents]
+    return LieDerivatives(
+        logits=out[0],
+        tangent=tan[0],
+        layers={n: (tan[i + 1], out[i + 1]) for i, n in enumerate(names)},
+    )
+
+
+def _per_image(d: LieDerivatives) -> dict[str, np.ndarray]:
+    tangent = d.tangent.double()
+    p = torch.softmax(d.logits.double(), dim=1)
+    dp = p * (tangent - (p * tangent).sum(dim=1, keepdim=True))
+    return {
+        "pred": d.logits.argmax(dim=1).cpu().numpy().astype(np.int64),
+        "lee": tangent.pow(2).sum(dim=1).cpu().numpy(),
+        "lee_abs": tangent.abs().sum(dim=1).cpu().numpy(),
+        "lee_prob_abs": dp.abs().mean(dim=1).cpu().numpy(),
+    }
+
+
+def _layer_values(tangent: torch.Tensor, act: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    lee = tangent.double().flatten(1).pow(2).mean(dim=1)
+    power = act.double().flatten(1).pow(2).mean(dim=1)
+    rel = torch.where(power > 0, lee / power.clamp_min(1e-300), torch.full_like(lee, math.nan))
+    return lee.cpu().numpy(), rel.cpu().numpy()
+
+
+# ---------------------------------------------------------------------- aggregation
+
+
+def _mean_interval(values) -> tuple[float, float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return math.nan, math.nan, math.nan
+    m = float(v.mean())
+    half = Z95 * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    return m, m - half, m + half
+
+
+def lee_summary(per_image: pd.DataFrame, units: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per transform: ``transform, unit, n, lee, lee_low, lee_high, lee_abs,
+    lee_abs_low, lee_abs_high, median_lee, lee_prob_abs`` (means over images with
+    mean +- 1.96 standard errors; ``lee`` squared l2 over logits, ``lee_abs`` l1 over
+    logits, ``lee_prob_abs`` Gruver et al.'s script's mean |L softmax|)."""
+    rows = []
+    units = units or {}
+    for name, g in per_image.groupby("transform", sort=False):
+        row: dict[str, Any] = {"transform": name, "unit": units.get(name, ""), "n": len(g)}
+        row["lee"], row["lee_low"], row["lee_high"] = _mean_interval(g["lee"])
+        row["lee_abs"], row["lee_abs_low"], row["lee_abs_high"] = _mean_interval(g["lee_abs"])
+        row["median_lee"] = float(np.median(g["lee"].to_numpy(np.float64)))
+        row["lee_prob_abs"] = float(g["lee_prob_abs"].mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def lee_layers_mean(per_layer: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
+    """Per (transform, layer): ``mean, low, high`` (of ``lee``, mean +- 1.96 SE over
+    images), ``rel_mean`` (mean ``lee_rel``) and ``n`` images."""
+    rows = []
+    rank = {name: i for i, name in enumerate(order)}
+    for (name, o, layer), g in per_layer.groupby(["transform", "order", "layer"], sort=False):
+        m, lo, hi = _mean_interval(g["lee"])
+        rel = g["lee_rel"].to_numpy(np.float64)
+        rel = rel[np.isfinite(rel)]
+        rows.append(
+            {
+                "transform": name,
+                "layer": layer,
+                "order": int(o),
+                "mean": m,
+                "low": lo,
+                "high": hi,
+                "rel_mean": float(rel.mean()) if len(rel) else math.nan,
+                "n": len(g),
+            }
+        )
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["_rank"] = out["transform"].map(rank).fillna(len(rank))
+        out = out.sort_values(["_rank", "order"], kind="stable").drop(columns="_rank")
+        out = out.reset_index(drop=True)
+    return out
+
+
+# ------------------------------------------------------------------------- the analysis
+
+
+def _model_layers(model: nn.Module) -> list[str]:
+    names = getattr(model, "layer_names", None)
+    return list(names) if names is not None else default_layer_names(model)
+
+
+def feature_map_layers(model: nn.Module, sample: torch.Tensor) -> list[str]:
+    """The probe-able layers whose output on ``sample`` is a 4-D ``[B, C, H, W]`` map."""
+    names = _model_layers(model)
+    four_d: set[str] = set()
+
+    def hook(name):
+        def record(module, inputs, output) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                four_d.add(name)
+
+        return record
+
+    handles = [resolve_layer(model, n).register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            model(sample)
+    finally:
+        for h in handles:
+            h.remove()
+    return [n for n in names if n in four_d]
+
+
+class LEEAnalysis(Analysis):
+    """Gruver et al.'s local equivariance error of a classifier, on the engine.
+
+    Parts: one per (transform, batch) (``lee-<k>-<batch>``), each one jvp (double
+    backward) per chunk of at most ``ctx.forward_batch`` images, giving the logits'
+    Lie derivative and every chosen layer's own equivariance error in the same pass.
+
+    Tables: ``lee`` (``transform, index, label, pred, lee, lee_abs, lee_prob_abs``: per
+    image; ``lee`` = squared l2 norm of ``L f(x)`` over the logits, ``lee_abs`` = its l1
+    norm, ``lee_prob_abs`` = mean over classes of ``|L softmax(f)(x)|``, Gruver et al.'s
+    script's number) and ``lee_layers`` (``transform, index, layer, order, lee,
+    lee_rel``: each layer's own representation equivariance error, the mean over the
+    map's elements of ``(d/dt T^{(i)}_{-t} Gamma_i(T_t x))^2`` and that over the mean
+    squared activation; NOT Gruver et al.'s additive decomposition). Units are per unit
+    of t (see the module docstring and the ``transforms`` table).
+
+    Args:
+        transforms: registered continuous transformation names (default translate_x,
+            rotation).
+        layers: layers for the per-layer error (default: the model's probe-able layers
+            with 4-D outputs); ``()`` skips it.
+    """
+
+    name = "lee"
+    grad = True
+    part_tables = PART_TABLES
+    aggregate_tables = AGGREGATE_TABLES
+
+    def __init__(
+        self,
+        transforms: str | Sequence[str] = ("translate_x", "rotation"),
+        layers: Sequence[str] | None = None,
+    ) -> None:
+        if isinstance(transforms, str):
+            transforms = [t.strip() for t in transforms.split(",") if t.strip()]
+        names = [str(t) for t in transforms]
+        if not names:
+            raise InvariscopeError("give at least one transform, e.g. --transforms rotation")
+        if len(set(names)) != len(names):
+            raise InvariscopeError(f"transform listed twice: {', '.join(names)}")
+        self.families = [lie_family(n) for n in names]
+        self.layers = None if layers is None else [str(n) for n in layers]
+        self.resolved_layers: list[str] = []
+
+    @property
+    def transform_names(self) -> list[str]:
+        return [f.name for f in self.families]
+
+    def _layers(self) -> list[str]:
+        return self.resolved_layers if self.layers is None else self.layers
+
+    def check(self, ctx) -> None:
+        model = ctx.models["model"]
+        x, _ = ctx.datasets["data"][int(ctx.indices["data"][0])]
+        x = torch.as_tensor(x)[None].to(ctx.device)
+        if self.layers is None:
+            self.resolved_layers = feature_map_layers(model, x)
+            return
+        for layer in self.layers:
+            resolve_layer(model, layer)
+        if self.layers:
+            shapes: dict[str, Any] = {}
+
+            def hook(name):
+                def record(module, inputs, output) -> None:
+                    shapes[name] = (
+                        list(output.shape)
+                        if isinstance(output, torch.Tensor)
+                        else type(output).__name__
+                    )
+
+                return record
+
+            handles = [resolve_layer(model, n).register_forward_hook(hook(n)) for n in self.layers]
+            try:
+                with torch.inference_mode():
+                    model(x)
+            finally:
+                for h in handles:
+                    h.remove()
+            for n in self.layers:
+                s = shapes.get(n)
+                if not (isinstance(s, list) and len(s) == 4):
+                    raise InvariscopeError(
+                        f"layer '{n}' has no 4-D feature map output (got {s}); pick layers "
+                        "whose output is [B, C, H, W], or --layers none"
+                    )
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "transforms": self.transform_names,
+            "units": {f.name: f.unit for f in self.families},
+            "layers": self._layers(),
+            "layers_default": self.layers is None,
+        }
+
+    def work(self, ctx) -> int:
+        return 3 * len(ctx.indices["data"]) * len(self.families)
+
+    def max_forward_batch(self, ctx) -> int:
+        return max(len(b) for b in ctx.batches["data"])
+
+    def plan(self, ctx) -> list[Part]:
+        return [
+            Part(part_id("lee", k, b), batch=b, key=k)
+            for b in range(len(ctx.batches["data"]))
+            for k in range(len(self.families))
+        ]
+
+    def compute(self, part: Part, ctx, batch: Batch) -> dict[str, pd.DataFrame]:
+        family = self.families[part.key]
+        layers = self._layers()
+        model = ctx.models["model"]
+        n = batch.x.shape[0]
+        step = max(1, int(ctx.forward_batch))
+        images: list[pd.DataFrame] = []
+        per_layer: list[pd.DataFrame] = []
+        for start in range(0, n, step):
+            sl = slice(start, min(n, start + step))
+            d = lie_derivatives(model, batch.x[sl], family, layers=layers)
+            index = batch.index[sl].cpu().numpy().astype(np.int64)
+            values = _per_image(d)
+            images.append(
+                pd.DataFrame(
+                    {
+                        "transform": family.name,
+                        "index": index,
+                        "label": batch.y[sl].cpu().numpy().astype(np.int64),
+                        "pred": values["pred"],
+                        "lee": values["lee"],
+                        "lee_abs": values["lee_abs"],
+                        "lee_prob_abs": values["lee_prob_abs"],
+                    }
+                )
+            )
+            for order, layer in enumerate(layers):
+                lee, rel = _layer_values(*d.layers[layer])
+                per_layer.append(
+                    pd.DataFrame(
+                        {
+                            "transform": family.name,
+                            "index": index,
+                            "layer": layer,
+                            "order": np.full(len(index), order, dtype=np.int64),
+                            "lee": lee,
+                            "lee_rel": rel,
+                        }
+                    )
+                )
+        out = {"lee": pd.concat(images, ignore_index=True)}
+        if per_layer:  # layer-major, images in batch order: independent of the chunking
+            table = pd.concat(per_layer, ignore_index=True)
+            out["lee_layers"] = table.sort_values("order", kind="stable").reset_index(drop=True)
+        return out
+
+    def aggregate(self, ctx) -> dict[str, pd.DataFrame]:
+        r = ctx.results
+        names = ctx.classes["data"]
+        units = {f.name: f.unit for f in self.families}
+        per_image = r.read_table("lee")
+        rank = {name: i for i, name in enumerate(self.transform_names)}
+        per_image = per_image.sort_values(
+            ["transform", "index"], key=lambda c: c.map(rank) if c.name == "transform" else c
+        ).reset_index(drop=True)
+        out = {
+            "lee_summary": lee_summary(per_image, units),
+            "transforms": pd.DataFrame(
+                {
+                    "transform": self.transform_names,
+                    "unit": [f.unit for f in self.families],
+                    "magnitude": [f.magnitude_text for f in self.families],
+                }
+            ),
+            "classes": pd.DataFrame(
+                {"label": np.arange(len(names), dtype=np.int64), "name": names}
+            ),
+        }
+        if "lee_layers" in r.tables():
+            per_layer = r.read_table("lee_layers")
+            per_layer = per_layer.sort_values(
+                ["transform", "order", "index"],
+                key=lambda c: c.map(rank) if c.name == "transform" else c,
+            ).reset_index(drop=True)
+            out["lee_layers_mean"] = lee_layers_mean(per_layer, self.transform_names)
+        return out
+
+    def summary(self, aggregates, ctx) -> dict[str, Any]:
+        result: dict[str, Any] = {"num_images": int(len(ctx.indices["data"]))}
+        for row in aggregates["lee_summary"].itertuples(index=False):
+            result[row.transform] = {
+                "unit": row.unit,
+                "lee": _round(row.lee),
+                "lee_low": _round(row.lee_low),
+                "lee_high": _round(row.lee_high),
+                "lee_abs": _round(row.lee_abs),
+            }
+        return result
+
+
+def _round(value: float) -> float | None:
+    v = float(value)
+    return None if not math.isfinite(v) else float(f"{v:.6g}")
+
+
+# ------------------------------------------------------------------------- Python API
+
+
+@dataclass
+class LEEResult:
+    """What :func:`lie_derivative` returns: ``summary`` (``lee_summary``), ``layers``
+    (``lee_layers_mean``, empty when no layer was probed), every aggregate table, and
+    the run directory."""
+
+    summary: pd.DataFrame
+    layers: pd.DataFrame
+    tables: dict[str, pd.DataFrame]
+    run_dir: Path | None = None
+
+
+def lie_derivative(
+    model: nn.Module,
+    dataset: Dataset,
+    transforms: str | Sequence[str] = ("translate_x", "rotation"),
+    *,
+    layers: Sequence[str] | None = None,
+    images: int | Sequence[int] | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    figures: bool | None = False,
+    **engine: Any,
+) -> LEEResult:
+    """The local equivariance error (LEE) of ``model`` on ``dataset``, in one call.
+
+    Runs :class:`LEEAnalysis` on the engine (resumable with ``out``, distributable
+    under ``torchrun``). ``layers=None`` probes the model's 4-D layers, ``()`` none.
+
+    >>> from invariscope.data import create_dataset
+    >>> from invariscope.models import create_model
+    >>> r = lie_derivative(create_model("simple-cnn"), create_dataset("digits"), "rotation",
+    ...                    images=4, layers=(), progress=False)
+    >>> r.summary[["transform", "unit", "n"]].values.tolist()
+    [['rotation', 'degree', 4]]
+    """
+    analysis = LEEAnalysis(transforms, layers=layers)
+    result = run_analysis(
+        analysis,
+        {"model": model},
+        {"data": dataset},
+        images=images,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        out=out,
+        overwrite=overwrite,
+        figures=figures,
+        **engine,
+    )
+    aggregates = dict(result.aggregates)
+    return LEEResult(
+        aggregates["lee_summary"],
+        aggregates.get("lee_layers_mean", pd.DataFrame()),
+        aggregates,
+        result.run_dir,
+    )
+
+
+register_analysis(
+    AnalysisEntry(
+        name="lee",
+        analysis=LEEAnalysis,
+        title="Lie derivative (local equivariance error)",
+        paper=("Gruver et al. 2023 (ICLR), The Lie derivative for measuring learned equivariance"),
+        about=(
+            "The Lie derivative d/dt f(T_t x) at t = 0 measures how fast the logits change "
+            "under an infinitesimal transformation (per pixel of translation, per degree of "
+            "rotation, per unit of log-scale); the local equivariance error (LEE) is its "
+            "squared norm averaged over images, zero for an exactly invariant model. Per "
+            "layer, the same derivative of T_{-t} Gamma(T_t x) is each representation's own "
+            "equivariance error (intervals: mean +- 1.96 SE over images)."
+        ),
+        command="lee",
+        report_tables=("lee_summary", "lee_layers_mean"),
+        figures="invariscope.plots.lee:render_lee_run",
+        demo="invariscope.demo:lee_stage",
+        conformance=(
+            "--data",
+            "digits",
+            "--transforms",
+            "translate_x,rotation",
+            "--images",
+            "16",
+            "--batch-size",
+            "8",
+        ),
+        bad_inputs=(
+            (("--data", "digits", "--transforms", "wobble"), "unknown transform 'wobble'"),
+            (("--data", "digits", "--transforms", "hflip"), "hflip is a discrete"),
+            (("--data", "digits", "--transforms", "gaussian_blur"), "gaussian_blur"),
+            (("--data", "digits", "--layers", "conv9"), "unknown layer 'conv9'"),
+            (("--data", "digits", "--layers", "fc"), "no 4-D feature map"),
+        ),
+    )
+)
