@@ -305,6 +305,70 @@ def shift_stage(ctx: DemoContext) -> str:
     return "\n".join(lines)
 
 
+def stitch_stage(ctx: DemoContext) -> str:
+    """Demo stage of the ``stitch`` analysis: the demo model (seed 0) against the same
+    architecture trained from seed 1 (cached like the demo model): linear CKA between
+    their layers and 1x1 stitching layers trained 150 steps per pair, on 200 test images."""
+    from invariscope.measure.stitch import stitch
+
+    arch = ctx.notes.get("model_name") or getattr(ctx.model, "arch", None) or "simple-cnn"
+    other, *_ = train_or_load(
+        arch,
+        ctx.notes.get("data_name", "digits"),
+        epochs=ctx.notes.get("epochs", 5),
+        seed=ctx.notes.get("seed", 0) + 1,
+        device=ctx.device,
+        progress=False,
+    )
+    layers = ["net.pool1", "net.relu1", "net.pool2", "net.relu2"]
+    res = stitch(
+        ctx.model,
+        other,
+        ctx.test_set,
+        ctx.train_set,
+        layers_a=layers,
+        layers_b=layers,
+        steps=150,
+        images=min(200, len(ctx.test_set)),
+        labels={"model": f"{arch} seed 0", "model_b": f"{arch} seed 1"},
+        out=ctx.out_dir / "stitch",
+        overwrite=True,
+        figures=True,
+        rank=0,
+        world_size=1,
+    )
+    err = res.stitch_error
+    diag = err[err["layer_a"] == err["layer_b"]].sort_values("order_a")
+    cka = res.cka
+    cka_diag = cka[cka["layer_a"] == cka["layer_b"]].set_index("layer_a")["cka"]
+    return "stitched error (seed 0 -> seed 1, same layer): " + ", ".join(
+        f"{r.layer_a.removeprefix('net.')} {r.error:.3f} (CKA {cka_diag.get(r.layer_a, float('nan')):.2f})"
+        for r in diag.itertuples(index=False)
+    )
+
+
+def lee_stage(ctx: DemoContext) -> str:
+    """Demo stage of the ``lee`` analysis: Gruver et al.'s local equivariance error of the
+    demo model for translation, rotation, zoom and brightness on 100 test images."""
+    from invariscope.measure.lee import lie_derivative
+
+    res = lie_derivative(
+        ctx.model,
+        ctx.test_set,
+        ["translate_x", "rotation", "zoom", "brightness"],
+        images=min(100, len(ctx.test_set)),
+        out=ctx.out_dir / "lee",
+        overwrite=True,
+        figures=True,
+        rank=0,
+        world_size=1,
+    )
+    s = res.summary
+    return "LEE = E|d logits/dt|^2: " + ", ".join(
+        f"{r.transform} {r.lee:.3g} per {r.unit}^2" for r in s.itertuples(index=False)
+    )
+
+
 def demo_stages() -> list[tuple[str, Callable[[DemoContext], str]]]:
     """``(analysis name, stage)`` of every registered analysis that has a demo stage."""
     from invariscope.engine.registry import list_analyses, load_hook
@@ -350,6 +414,7 @@ def run_demo(
         f"images), {how} in {time.perf_counter() - t0:.1f} s: test accuracy {acc:.4f}"
     )
     ctx = DemoContext(model, train_set, test_set, out, torch.device(device), acc)
+    ctx.notes.update(model_name=model_name, data_name=data_name, epochs=epochs, seed=seed)
     for name, stage in demo_stages():
         if stages is not None and name not in stages:
             continue
