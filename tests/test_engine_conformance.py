@@ -178,7 +178,7 @@ def reference(request, tmp_path_factory, checkpoint):
 
 
 def test_conformance_args_are_registered():
-    assert {"sweep", "worst_case", "shift"} <= set(ENTRIES)
+    assert {"sweep", "worst_case", "shift", "stitch", "lee"} <= set(ENTRIES)
     for entry in ENTRIES.values():
         assert entry.conformance, f"{entry.name} registers no conformance arguments"
 

@@ -308,7 +308,8 @@ def shift_stage(ctx: DemoContext) -> str:
 def stitch_stage(ctx: DemoContext) -> str:
     """Demo stage of the ``stitch`` analysis: the demo model (seed 0) against the same
     architecture trained from seed 1 (cached like the demo model): linear CKA between
-    their layers and 1x1 stitching layers trained 150 steps per pair, on 200 test images."""
+    their two ReLU layers and 1x1 stitching layers trained 100 steps per pair, on 100 test
+    images (``benchmarks/repro_equivalence.py`` runs every layer pair)."""
     from invariscope.measure.stitch import stitch
 
     arch = ctx.notes.get("model_name") or getattr(ctx.model, "arch", None) or "simple-cnn"
@@ -320,7 +321,7 @@ def stitch_stage(ctx: DemoContext) -> str:
         device=ctx.device,
         progress=False,
     )
-    layers = ["net.pool1", "net.relu1", "net.pool2", "net.relu2"]
+    layers = ["net.relu1", "net.relu2"]
     res = stitch(
         ctx.model,
         other,
@@ -328,8 +329,8 @@ def stitch_stage(ctx: DemoContext) -> str:
         ctx.train_set,
         layers_a=layers,
         layers_b=layers,
-        steps=150,
-        images=min(200, len(ctx.test_set)),
+        steps=100,
+        images=min(100, len(ctx.test_set)),
         labels={"model": f"{arch} seed 0", "model_b": f"{arch} seed 1"},
         out=ctx.out_dir / "stitch",
         overwrite=True,

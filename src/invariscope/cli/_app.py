@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "sweep",
     "shift",
     "antialias",
+    "stitch",
     "lee",
     "render",
     "report",

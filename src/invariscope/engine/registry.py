@@ -40,6 +40,7 @@ BUILTIN_MODULES = (
     "invariscope.measure.sweep",
     "invariscope.measure.worst_case",
     "invariscope.measure.shift",
+    "invariscope.measure.stitch",
     "invariscope.measure.lee",
 )
 

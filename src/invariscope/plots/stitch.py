@@ -200,7 +200,7 @@ def _stitch_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
             values = _matrix(table, "error", rows, cols)
             marks = np.zeros(values.shape, dtype=bool)
             _heatmap(fig, ax, values, cmap_name="viridis_r", label=ERROR_LABEL, fontsize=fontsize)
-            title = "top-1 error of the stitched network\nψ_B ∘ E ∘ φ_A"
+            title = "top-1 error of ψ_B ∘ E ∘ φ_A"
             if {"error_low", "error_high"} <= set(table.columns):
                 half = np.concatenate(
                     [
@@ -210,7 +210,7 @@ def _stitch_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
                 )
                 half = half[np.isfinite(half)]
                 if len(half):
-                    title += f" (95% interval: ±{half.max():.2f} at most)"
+                    title += f"\n(95% interval: ±{half.max():.2f} at most)"
         else:
             marks = _flags(table, rows, cols)
             values = _matrix(table, "cka", rows, cols)
