@@ -10,10 +10,12 @@ def test_demo_trains_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
     argv = ["demo", "--out", str(tmp_path / "out"), "--epochs", "1", "--no-progress"]
     assert run(argv) == 0
     first = capsys.readouterr().out
-    assert "trained for 1 epochs" in first and "[sweep]" in first and "[shift]" in first
+    for stage in ("[sweep]", "[worst_case]", "[shift]", "[stitch]", "[lee]", "[report]"):
+        assert stage in first
+    assert "trained for 1 epochs" in first
     cached = list((tmp_path / "cache" / "models").glob("simple-cnn_digits_*.pt"))
-    assert len(cached) == 1
-    assert run(argv) == 0
+    assert len(cached) == 2  # the demo model and the seed-1 network the stitch stage compares
+    assert run([*argv, "--stages", "sweep,shift"]) == 0  # the cached models, two stages
     second = capsys.readouterr().out
     assert "reused from cache" in second
 
@@ -34,6 +36,10 @@ def test_demo_trains_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
         tmp_path / "out" / "sweep" / "screening" / "figures" / "accuracy.png"
     ).stat().st_size > 10_000
     # another epoch count is another cache entry, not a wrong reuse
-    assert run(["demo", "--out", str(tmp_path / "out2"), "--epochs", "2", "--no-progress"]) == 0
-    assert "trained for 2 epochs" in capsys.readouterr().out
-    assert len(list((tmp_path / "cache" / "models").glob("simple-cnn_digits_*.pt"))) == 2
+    argv = ["demo", "--out", str(tmp_path / "out2"), "--epochs", "2", "--no-progress"]
+    assert run([*argv, "--stages", "worst_case"]) == 0
+    third = capsys.readouterr().out
+    assert "trained for 2 epochs" in third and "[worst_case]" in third and "[sweep]" not in third
+    assert len(list((tmp_path / "cache" / "models").glob("simple-cnn_digits_*.pt"))) == 3
+    assert run([*argv, "--stages", "nonsense"]) == 2
+    assert "unknown demo stage 'nonsense'" in capsys.readouterr().err

@@ -23,8 +23,16 @@ from invariscope.cli._app import cli
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--retrain", is_flag=True, help="Ignore the cached model and train again.")
+@click.option(
+    "--stages",
+    default=None,
+    metavar="A,B,...",
+    help="Only these analyses' stages (e.g. sweep,shift) [default: all].",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def demo_cmd(out, model_name, data_name, epochs, seed, device, retrain, no_progress) -> None:
+def demo_cmd(
+    out, model_name, data_name, epochs, seed, device, retrain, stages, no_progress
+) -> None:
     """Train (or reuse from the cache) the default model and run every analysis stage.
 
     The trained model is cached under $INVARISCOPE_CACHE (default ~/.cache/invariscope),
@@ -34,8 +42,17 @@ def demo_cmd(out, model_name, data_name, epochs, seed, device, retrain, no_progr
     Example:
       invariscope demo --out demo-output
     """
-    from invariscope.demo import run_demo
+    from invariscope.demo import demo_stages, run_demo
+    from invariscope.errors import unknown_name
     from invariscope.train import resolve_device
+
+    chosen = None
+    if stages is not None:
+        known = [name for name, _ in demo_stages()]
+        chosen = [s.strip() for s in stages.split(",") if s.strip()]
+        for name in chosen:
+            if name not in known:
+                raise unknown_name("demo stage", name, known)
 
     run_demo(
         out,
@@ -46,5 +63,6 @@ def demo_cmd(out, model_name, data_name, epochs, seed, device, retrain, no_progr
         device=resolve_device(device),
         retrain=retrain,
         progress=not no_progress,
+        stages=chosen,
         echo=click.echo,
     )
