@@ -60,7 +60,7 @@ def _stitch_tables(layers_a=LAYERS_A, layers_b=LAYERS_B, seed=0) -> dict[str, pd
 
 def _lee_tables(transforms=TRANSFORMS, layers=LAYERS, seed=0) -> dict[str, pd.DataFrame]:
     rng = np.random.default_rng(seed)
-    summary, per_layer = [], []
+    summary, per_layer, contrib = [], [], []
     for k, (transform, unit) in enumerate(transforms.items()):
         value = 10.0 ** (k - 1) * rng.uniform(1, 3)
         absolute = np.sqrt(value) * 0.8
@@ -92,9 +92,23 @@ def _lee_tables(transforms=TRANSFORMS, layers=LAYERS, seed=0) -> dict[str, pd.Da
                     "n": 64,
                 }
             )
+            share = float(rng.uniform(-0.2, 1.0))
+            contrib.append(
+                {
+                    "transform": transform,
+                    "layer": layer,
+                    "order": order,
+                    "mean": mean * 1e-3,
+                    "low": mean * 0.6e-3,
+                    "high": mean * 1.4e-3,
+                    "share_mean": share,
+                    "n": 64,
+                }
+            )
     return {
         "lee_summary": pd.DataFrame(summary),
         "lee_layers_mean": pd.DataFrame(per_layer).sample(frac=1.0, random_state=seed),
+        "lee_contrib_mean": pd.DataFrame(contrib).sample(frac=1.0, random_state=seed + 1),
         "transforms": pd.DataFrame(
             {"transform": list(transforms), "unit": list(transforms.values())}
         ),
@@ -264,15 +278,17 @@ def test_render_stitch_run_reads_the_aggregates(tmp_path):
 
 def test_lee_figures_are_written(tmp_path):
     paths = lee.render_lee_figures(_lee_tables(), tmp_path / "figs")
-    _check_pngs(paths, tmp_path / "figs", {"lee", "lee_layers"})
+    _check_pngs(paths, tmp_path / "figs", {"lee", "lee_layers", "lee_contrib"})
 
 
 @pytest.mark.parametrize(
     "drop, expected",
     [
-        (["lee_layers_mean"], {"lee"}),
-        (["lee_summary"], {"lee_layers"}),
-        (["transforms"], {"lee", "lee_layers"}),
+        (["lee_layers_mean"], {"lee", "lee_contrib"}),
+        (["lee_summary"], {"lee_layers", "lee_contrib"}),
+        (["lee_contrib_mean"], {"lee", "lee_layers"}),
+        (["lee_summary", "lee_layers_mean"], {"lee_contrib"}),
+        (["transforms"], {"lee", "lee_layers", "lee_contrib"}),
     ],
 )
 def test_missing_lee_table_skips_its_figure(tmp_path, drop, expected):
@@ -349,6 +365,31 @@ def test_lee_layers_has_a_line_per_transform_in_layer_order():
     assert "relative equivariance error of the layer" in ax.get_ylabel()
 
 
+def test_lee_contrib_has_a_panel_of_layer_bars_per_transform():
+    tables = _lee_tables()
+    contrib = tables["lee_contrib_mean"].copy()
+    zero = (contrib["transform"] == "rotate") & (contrib["layer"] == "fc")
+    contrib.loc[zero, ["mean", "low", "high"]] = 0.0  # an exactly equivariant layer
+    tables["lee_contrib_mean"] = contrib
+    fig = lee._lee_contrib_figure(tables)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == [f"{t} (per {u})" for t, u in TRANSFORMS.items()]
+    for ax, (transform, unit) in zip(panels, TRANSFORMS.items(), strict=True):
+        assert ax.get_yscale() == "log"
+        assert [t.get_text() for t in ax.get_xticklabels()] == LAYERS
+        assert ax.get_ylabel() == f"E‖c_i‖² (per {unit}²)"
+        sub = contrib[contrib["transform"] == transform].sort_values("order")
+        bars = [p for p in ax.patches if isinstance(p, Rectangle)]
+        positive = sub[sub["mean"] > 0]
+        np.testing.assert_allclose([b.get_height() for b in bars], positive["mean"])
+        np.testing.assert_allclose([b.get_x() + b.get_width() / 2 for b in bars], positive["order"])
+        (errors,) = [c for c in ax.collections if len(c.get_segments()) == len(positive)]
+        spans = [(seg[:, 1].min(), seg[:, 1].max()) for seg in errors.get_segments()]
+        np.testing.assert_allclose(spans, positive[["low", "high"]])
+        assert [t.get_text() for t in ax.texts] == ["0"] * int((sub["mean"] == 0).sum())
+    assert "64 images" in fig.get_suptitle()
+
+
 def test_render_lee_run_reads_the_aggregates(tmp_path):
     out = tmp_path / "run"
     run = RunStore(out, {"analysis": "lee", "images": 64})
@@ -356,7 +397,7 @@ def test_render_lee_run_reads_the_aggregates(tmp_path):
         run.write_aggregate(name, table)
     run.finalize({"num_images": 64})
     paths = lee.render_lee_run(out)
-    _check_pngs(paths, out / "figures", {"lee", "lee_layers"})
+    _check_pngs(paths, out / "figures", {"lee", "lee_layers", "lee_contrib"})
     other = tmp_path / "elsewhere"
     paths = lee.render_lee_run(out, other)
-    _check_pngs(paths, other, {"lee", "lee_layers"})
+    _check_pngs(paths, other, {"lee", "lee_layers", "lee_contrib"})

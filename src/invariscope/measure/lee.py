@@ -70,11 +70,31 @@ feature maps (an invariance: ``L_i = d/dt Gamma_i(T_t x)``), and so does every
 transformation on a ``1 x 1`` map (a global pool). Stored: ``lee`` = the mean over the
 map's elements of ``L_i(x)^2`` (so layers of different sizes compare) and ``lee_rel`` =
 that over the mean of ``Gamma_i(x)^2`` (NaN for an all-zero map). This is each layer's
-own equivariance error, a simpler attribution than Gruver et al.'s additive
-decomposition of the output's Lie derivative into per-layer contributions (not
-implemented here). The map's scale ``W_i / W`` is right for 'same'-padded networks
+own equivariance error (the additive decomposition below is the other attribution).
+The map's scale ``W_i / W`` is right for 'same'-padded networks
 (stride s gives ``W / s``); for layers that crop (valid convolutions) the ratio
 under-states how far the map moves, and the error then includes that mismatch.
+
+Layer-wise decomposition (``lee_contrib``, Gruver et al.'s additive attribution), for a
+network that is a chain ``f = f_L o ... o f_1`` (:func:`model_chain`: a ``Classifier``
+whose ``net`` is an ``nn.Sequential``, its preprocessing the layer ``preprocess`` and
+each top-level child of ``net`` one layer, so a residual stage is one unit; or a bare
+``nn.Sequential``), with ``z_0 = x``, ``z_i = f_i(z_{i-1})`` and ``rho_i`` acting on
+``z_i`` (``rho_0 = T`` the input transformation; for ``i >= 1`` the map's own
+representation above on 4-D maps, trivial on other tensors and on the logits)::
+
+    e_i = d/dt [ rho_i(-t) f_i(rho_{i-1}(t) z_{i-1}) ] |_{t = 0}
+        = J_{f_i}(z_{i-1}) rho'_{i-1} z_{i-1} - rho'_i z_i       (layer i's local error)
+    c_i = J_{f_{>i}}(z_i) e_i                              (its effect on the logits [K])
+
+and ``sum_i c_i = L f(x)`` exactly (the terms telescope). Both are jvps (``e_i`` w.r.t.
+one ``t`` per image through the warp core, ``c_i`` of the rest of the chain at ``z_i``
+with tangent ``e_i``). Stored per image and layer: ``contribution = ||c_i||^2`` (squared
+l2 over the logits) and ``share = <c_i, S> / ||S||^2`` with ``S = sum_i c_i`` (= ``L
+f(x)``; signed, the shares sum to 1; NaN when ``S = 0``). Photometric transformations
+act trivially on every map, so their whole derivative is the first layer's. Other
+models are not decomposed (a warning and a note in the summary; an error only when
+``decompose=True`` was asked for).
 
 Example:
     >>> import torch
@@ -87,6 +107,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,23 +124,28 @@ from invariscope.engine import Analysis, AnalysisEntry, Batch, Part, part_id, re
 from invariscope.engine import run as run_analysis
 from invariscope.errors import InvariscopeError
 from invariscope.models.capture import resolve_layer
-from invariscope.models.classifier import default_layer_names
+from invariscope.models.classifier import Classifier, default_layer_names
 from invariscope.transforms import get_transform, list_transforms, warp_affine
 from invariscope.transforms.registry import TransformSpec
 
 __all__ = [
     "LEEAnalysis",
     "LEEResult",
+    "LieContributions",
     "LieDerivatives",
     "LieFamily",
     "lee_summary",
     "lie_derivative",
     "lie_derivatives",
+    "lie_contributions",
     "lie_family",
+    "model_chain",
 ]
 
-PART_TABLES = ("lee", "lee_layers")
-AGGREGATE_TABLES = ("lee_summary", "lee_layers_mean", "transforms", "classes")
+log = logging.getLogger(__name__)
+
+PART_TABLES = ("lee", "lee_layers", "lee_contrib")
+AGGREGATE_TABLES = ("lee_summary", "lee_layers_mean", "lee_contrib_mean", "transforms", "classes")
 Z95 = 1.96
 
 
@@ -361,6 +387,139 @@ def _layer_values(tangent: torch.Tensor, act: torch.Tensor) -> tuple[np.ndarray,
     return lee.cpu().numpy(), rel.cpu().numpy()
 
 
+# ---------------------------------------------------------------- decomposition
+
+
+def model_chain(model: nn.Module) -> list[tuple[str, Callable[[torch.Tensor], Any]]] | None:
+    """The layers ``[(name, f_i)]`` of a network that is a chain of modules, else None.
+
+    A :class:`~invariscope.models.classifier.Classifier` whose ``net`` is a plain
+    ``nn.Sequential`` (its forward not overridden): ``preprocess`` (the normalisation),
+    then every top-level child of ``net`` (``net.<child>``; a Sequential stage of residual
+    blocks is one unit). A bare ``nn.Sequential``: its top-level children.
+    """
+
+    def plain(seq: nn.Module) -> bool:
+        return isinstance(seq, nn.Sequential) and type(seq).forward is nn.Sequential.forward
+
+    if isinstance(model, Classifier) and type(model).forward is Classifier.forward:
+        if not plain(model.net):
+            return None
+        return [("preprocess", model.preprocess)] + [
+            (f"net.{name}", child) for name, child in model.net.named_children()
+        ]
+    if plain(model):
+        return [(name, child) for name, child in model.named_children()]
+    return None
+
+
+def _not_a_chain(model: nn.Module) -> str:
+    return (
+        f"the layer-wise decomposition needs a chain of modules (a Classifier whose net is "
+        f"an nn.Sequential, or an nn.Sequential); {type(model).__name__} is not one"
+    )
+
+
+@dataclass
+class LieContributions:
+    """What :func:`lie_contributions` returns (detached, on the images' device).
+
+    Attributes:
+        layers: the chain's layer names, input to output.
+        contributions: ``c_i`` ``[L, B, K]``: layer i's local equivariance error carried
+            to the logits by the rest of the network.
+        total: ``sum_i c_i`` ``[B, K]`` (= the Lie derivative ``L f(x)``).
+    """
+
+    layers: list[str]
+    contributions: torch.Tensor
+    total: torch.Tensor
+
+
+def lie_contributions(
+    model: nn.Module, images: torch.Tensor, transform: str | LieFamily
+) -> LieContributions:
+    """Gruver et al.'s additive decomposition of the Lie derivative over a chain's layers.
+
+    One forward pass collects ``z_i``; per layer, ``e_i`` is the jvp (w.r.t. one ``t``
+    per image, tangent ones) of ``rho_i(-t) f_i(rho_{i-1}(t) z_{i-1})`` and ``c_i`` the
+    jvp of the rest of the chain at ``z_i`` with tangent ``e_i`` (see the module
+    docstring). Eval mode for the call (restored); no gradient reaches the parameters.
+
+    Raises:
+        InvariscopeError: ``model`` is not a chain (:func:`model_chain`), or a layer's
+            output is not a tensor, or the logits are not ``[B, K]``.
+    """
+    family = transform if isinstance(transform, LieFamily) else lie_family(transform)
+    chain = model_chain(model)
+    if chain is None:
+        raise InvariscopeError(_not_a_chain(model))
+    if images.dim() != 4:
+        raise InvariscopeError(f"images must be [B, C, H, W], got shape {list(images.shape)}")
+    H, W = images.shape[-2:]
+    x = images.detach()
+    t0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    ones = torch.ones_like(t0)
+
+    def rho(i: int, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if i == 0:
+            return family.apply(z, t)
+        if z.dim() != 4:  # non-spatial tensors (and the logits): trivial
+            return z
+        return family.act_on_map(z, t, H, W)
+
+    was_training = model.training
+    model.eval()
+    try:
+        zs = [x]
+        with torch.no_grad():
+            for name, f in chain:
+                z = f(zs[-1])
+                if not isinstance(z, torch.Tensor):
+                    raise InvariscopeError(
+                        f"layer '{name}' returns {type(z).__name__}, not a tensor: the "
+                        "layer-wise decomposition needs a chain of tensors"
+                    )
+                zs.append(z)
+        if zs[-1].dim() != 2:
+            raise InvariscopeError(f"the model must return logits [B, K], got {list(zs[-1].shape)}")
+        contributions = []
+        with torch.enable_grad():
+            for i, (_, f) in enumerate(chain):
+                z_in = zs[i]
+
+                def g(t: torch.Tensor, i=i, f=f, z_in=z_in) -> torch.Tensor:
+                    return rho(i + 1, f(rho(i, z_in, t)), -t)
+
+                _, e = torch.autograd.functional.jvp(g, t0, ones, strict=False)
+                rest = [module for _, module in chain[i + 1 :]]
+                if rest:
+
+                    def tail(z: torch.Tensor, rest=rest) -> torch.Tensor:
+                        for module in rest:
+                            z = module(z)
+                        return z
+
+                    _, c = torch.autograd.functional.jvp(tail, zs[i + 1], e.detach(), strict=False)
+                else:
+                    c = e
+                contributions.append(c.detach())
+    finally:
+        model.train(was_training)
+    stacked = torch.stack(contributions)
+    return LieContributions([name for name, _ in chain], stacked, stacked.sum(dim=0))
+
+
+def _contribution_values(d: LieContributions) -> tuple[np.ndarray, np.ndarray]:
+    """``||c_i||^2`` and ``<c_i, S> / ||S||^2`` ``[L, B]`` (float64; NaN share when S = 0)."""
+    c = d.contributions.double()
+    total = c.sum(dim=0)
+    norm = total.pow(2).sum(dim=1)
+    dot = (c * total).sum(dim=2)
+    share = torch.where(norm > 0, dot / norm.clamp_min(1e-300), torch.full_like(dot, math.nan))
+    return c.pow(2).sum(dim=2).cpu().numpy(), share.cpu().numpy()
+
+
 # ---------------------------------------------------------------------- aggregation
 
 
@@ -420,6 +579,35 @@ def lee_layers_mean(per_layer: pd.DataFrame, order: Sequence[str]) -> pd.DataFra
     return out
 
 
+def lee_contrib_mean(per_layer: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
+    """Per (transform, layer): ``mean, low, high`` of ``contribution`` (mean +- 1.96 SE
+    over images), ``share_mean`` (mean finite ``share``) and ``n`` images."""
+    rows = []
+    rank = {name: i for i, name in enumerate(order)}
+    for (name, o, layer), g in per_layer.groupby(["transform", "order", "layer"], sort=False):
+        m, lo, hi = _mean_interval(g["contribution"])
+        share = g["share"].to_numpy(np.float64)
+        share = share[np.isfinite(share)]
+        rows.append(
+            {
+                "transform": name,
+                "layer": layer,
+                "order": int(o),
+                "mean": m,
+                "low": lo,
+                "high": hi,
+                "share_mean": float(share.mean()) if len(share) else math.nan,
+                "n": len(g),
+            }
+        )
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["_rank"] = out["transform"].map(rank).fillna(len(rank))
+        out = out.sort_values(["_rank", "order"], kind="stable").drop(columns="_rank")
+        out = out.reset_index(drop=True)
+    return out
+
+
 # ------------------------------------------------------------------------- the analysis
 
 
@@ -463,17 +651,25 @@ class LEEAnalysis(Analysis):
     script's number) and ``lee_layers`` (``transform, index, layer, order, lee,
     lee_rel``: each layer's own representation equivariance error, the mean over the
     map's elements of ``(d/dt T^{(i)}_{-t} Gamma_i(T_t x))^2`` and that over the mean
-    squared activation; NOT Gruver et al.'s additive decomposition). Units are per unit
-    of t (see the module docstring and the ``transforms`` table).
+    squared activation) and ``lee_contrib`` (``transform, index, layer, order,
+    contribution, share``: Gruver et al.'s additive decomposition of ``L f(x)`` over the
+    layers of a chain, ``contribution = ||c_i||^2`` over the logits and the signed
+    ``share = <c_i, L f(x)> / ||L f(x)||^2``; see the module docstring). Units are per
+    unit of t (see the module docstring and the ``transforms`` table).
 
     Args:
         transforms: registered continuous transformation names (default translate_x,
             rotation).
         layers: layers for the per-layer error (default: the model's probe-able layers
             with 4-D outputs); ``()`` skips it.
+        decompose: the layer-wise decomposition: ``None`` (default) for chains
+            (:func:`model_chain`), skipped with a warning (and a note in the summary) for
+            other models; ``True`` asks for it (an error for a model that is not a
+            chain); ``False`` skips it.
     """
 
     name = "lee"
+    version = 2  # 2: lee_contrib, lee_contrib_mean
     grad = True
     part_tables = PART_TABLES
     aggregate_tables = AGGREGATE_TABLES
@@ -482,6 +678,7 @@ class LEEAnalysis(Analysis):
         self,
         transforms: str | Sequence[str] = ("translate_x", "rotation"),
         layers: Sequence[str] | None = None,
+        decompose: bool | None = None,
     ) -> None:
         if isinstance(transforms, str):
             transforms = [t.strip() for t in transforms.split(",") if t.strip()]
@@ -493,6 +690,11 @@ class LEEAnalysis(Analysis):
         self.families = [lie_family(n) for n in names]
         self.layers = None if layers is None else [str(n) for n in layers]
         self.resolved_layers: list[str] = []
+        if decompose not in (None, True, False):
+            raise InvariscopeError(f"decompose must be True, False or None, got {decompose!r}")
+        self.decompose = decompose
+        self.chain: list[str] = []
+        self.decompose_note = ""
 
     @property
     def transform_names(self) -> list[str]:
@@ -501,8 +703,23 @@ class LEEAnalysis(Analysis):
     def _layers(self) -> list[str]:
         return self.resolved_layers if self.layers is None else self.layers
 
+    def _check_chain(self, model: nn.Module) -> None:
+        self.chain, self.decompose_note = [], ""
+        if self.decompose is False:
+            self.decompose_note = "not asked for (decompose=False)"
+            return
+        chain = model_chain(model)
+        if chain is None:
+            if self.decompose:
+                raise InvariscopeError(_not_a_chain(model))
+            self.decompose_note = "skipped: " + _not_a_chain(model)
+            log.warning("LEE: %s", self.decompose_note)
+            return
+        self.chain = [name for name, _ in chain]
+
     def check(self, ctx) -> None:
         model = ctx.models["model"]
+        self._check_chain(model)
         x, _ = ctx.datasets["data"][int(ctx.indices["data"][0])]
         x = torch.as_tensor(x)[None].to(ctx.device)
         if self.layers is None:
@@ -544,10 +761,12 @@ class LEEAnalysis(Analysis):
             "units": {f.name: f.unit for f in self.families},
             "layers": self._layers(),
             "layers_default": self.layers is None,
+            "decompose": self.decompose,
+            "decompose_layers": list(self.chain),
         }
 
     def work(self, ctx) -> int:
-        return 3 * len(ctx.indices["data"]) * len(self.families)
+        return 3 * len(ctx.indices["data"]) * len(self.families) * (1 + len(self.chain))
 
     def max_forward_batch(self, ctx) -> int:
         return max(len(b) for b in ctx.batches["data"])
@@ -567,6 +786,7 @@ class LEEAnalysis(Analysis):
         step = max(1, int(ctx.forward_batch))
         images: list[pd.DataFrame] = []
         per_layer: list[pd.DataFrame] = []
+        per_contrib: list[pd.DataFrame] = []
         for start in range(0, n, step):
             sl = slice(start, min(n, start + step))
             d = lie_derivatives(model, batch.x[sl], family, layers=layers)
@@ -599,10 +819,29 @@ class LEEAnalysis(Analysis):
                         }
                     )
                 )
+            if self.chain:
+                contrib, share = _contribution_values(lie_contributions(model, batch.x[sl], family))
+                for order, layer in enumerate(self.chain):
+                    per_contrib.append(
+                        pd.DataFrame(
+                            {
+                                "transform": family.name,
+                                "index": index,
+                                "layer": layer,
+                                "order": np.full(len(index), order, dtype=np.int64),
+                                "contribution": contrib[order],
+                                "share": share[order],
+                            }
+                        )
+                    )
         out = {"lee": pd.concat(images, ignore_index=True)}
-        if per_layer:  # layer-major, images in batch order: independent of the chunking
+        # layer-major, images in batch order: independent of the chunking
+        if per_layer:
             table = pd.concat(per_layer, ignore_index=True)
             out["lee_layers"] = table.sort_values("order", kind="stable").reset_index(drop=True)
+        if per_contrib:
+            table = pd.concat(per_contrib, ignore_index=True)
+            out["lee_contrib"] = table.sort_values("order", kind="stable").reset_index(drop=True)
         return out
 
     def aggregate(self, ctx) -> dict[str, pd.DataFrame]:
@@ -634,6 +873,13 @@ class LEEAnalysis(Analysis):
                 key=lambda c: c.map(rank) if c.name == "transform" else c,
             ).reset_index(drop=True)
             out["lee_layers_mean"] = lee_layers_mean(per_layer, self.transform_names)
+        if "lee_contrib" in r.tables():
+            per_contrib = r.read_table("lee_contrib")
+            per_contrib = per_contrib.sort_values(
+                ["transform", "order", "index"],
+                key=lambda c: c.map(rank) if c.name == "transform" else c,
+            ).reset_index(drop=True)
+            out["lee_contrib_mean"] = lee_contrib_mean(per_contrib, self.transform_names)
         return out
 
     def summary(self, aggregates, ctx) -> dict[str, Any]:
@@ -646,6 +892,16 @@ class LEEAnalysis(Analysis):
                 "lee_high": _round(row.lee_high),
                 "lee_abs": _round(row.lee_abs),
             }
+        contrib = aggregates.get("lee_contrib_mean")
+        if contrib is not None and len(contrib):
+            for name, g in contrib.groupby("transform", sort=False):
+                if name in result:
+                    top = g.loc[g["mean"].idxmax()] if g["mean"].notna().any() else None
+                    result[name]["top_contribution_layer"] = (
+                        None if top is None else str(top["layer"])
+                    )
+        elif self.decompose_note:
+            result["decomposition"] = self.decompose_note
         return result
 
 
@@ -660,13 +916,15 @@ def _round(value: float) -> float | None:
 @dataclass
 class LEEResult:
     """What :func:`lie_derivative` returns: ``summary`` (``lee_summary``), ``layers``
-    (``lee_layers_mean``, empty when no layer was probed), every aggregate table, and
-    the run directory."""
+    (``lee_layers_mean``, empty when no layer was probed), ``contributions``
+    (``lee_contrib_mean``, empty when the model was not decomposed), every aggregate
+    table, and the run directory."""
 
     summary: pd.DataFrame
     layers: pd.DataFrame
     tables: dict[str, pd.DataFrame]
     run_dir: Path | None = None
+    contributions: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def lie_derivative(
@@ -675,6 +933,7 @@ def lie_derivative(
     transforms: str | Sequence[str] = ("translate_x", "rotation"),
     *,
     layers: Sequence[str] | None = None,
+    decompose: bool | None = None,
     images: int | Sequence[int] | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -688,6 +947,8 @@ def lie_derivative(
 
     Runs :class:`LEEAnalysis` on the engine (resumable with ``out``, distributable
     under ``torchrun``). ``layers=None`` probes the model's 4-D layers, ``()`` none.
+    ``decompose``: the layer-wise decomposition (``lee_contrib_mean``), as in
+    :class:`LEEAnalysis` (default: for chains, skipped with a warning otherwise).
 
     >>> from invariscope.data import create_dataset
     >>> from invariscope.models import create_model
@@ -696,7 +957,7 @@ def lie_derivative(
     >>> r.summary[["transform", "unit", "n"]].values.tolist()
     [['rotation', 'degree', 4]]
     """
-    analysis = LEEAnalysis(transforms, layers=layers)
+    analysis = LEEAnalysis(transforms, layers=layers, decompose=decompose)
     result = run_analysis(
         analysis,
         {"model": model},
@@ -716,6 +977,7 @@ def lie_derivative(
         aggregates.get("lee_layers_mean", pd.DataFrame()),
         aggregates,
         result.run_dir,
+        aggregates.get("lee_contrib_mean", pd.DataFrame()),
     )
 
 
@@ -731,10 +993,12 @@ register_analysis(
             "rotation, per unit of log-scale); the local equivariance error (LEE) is its "
             "squared norm averaged over images, zero for an exactly invariant model. Per "
             "layer, the same derivative of T_{-t} Gamma(T_t x) is each representation's own "
-            "equivariance error (intervals: mean +- 1.96 SE over images)."
+            "equivariance error; for a chain of layers, Gruver et al.'s additive "
+            "decomposition splits the logits' derivative into per-layer contributions "
+            "(squared norm; intervals: mean +- 1.96 SE over images)."
         ),
         command="lee",
-        report_tables=("lee_summary", "lee_layers_mean"),
+        report_tables=("lee_summary", "lee_layers_mean", "lee_contrib_mean"),
         figures="invariscope.plots.lee:render_lee_run",
         demo="invariscope.demo:lee_stage",
         conformance=(

@@ -14,11 +14,15 @@ Tables (each optional; a missing table skips its figure):
 - ``lee_layers_mean``: ``transform, layer, order, mean, low, high`` (per-element mean
   squared equivariance error of a layer and its 95% interval), ``rel_mean`` (relative
   to the layer's mean squared activation), ``n``;
+- ``lee_contrib_mean``: ``transform, layer, order, mean, low, high`` (per image squared
+  norm of a layer's contribution to the logits' Lie derivative, Gruver et al.'s
+  additive decomposition, and its 95% interval), ``share_mean``, ``n``;
 - ``transforms``: ``transform, unit`` (order and units of the transformations).
 
 Figures (each written as ``<name>.png`` (150 dpi) and ``<name>.svg``, like the
-sweep's): ``lee`` (bars per transformation, log y) and ``lee_layers`` (the relative
-error of each layer, one line per transformation, log y).
+sweep's): ``lee`` (bars per transformation, log y), ``lee_layers`` (the relative
+error of each layer, one line per transformation, log y) and ``lee_contrib`` (per
+transformation a panel of bars per layer of the mean contribution, log y).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def _units(tables: Mapping[str, pd.DataFrame]) -> tuple[list[str], dict[str, str
     """Transformations in order (the ``transforms`` table first) and their units."""
     order: list[str] = []
     units: dict[str, str] = {}
-    for name in ("transforms", "lee_summary", "lee_layers_mean"):
+    for name in ("transforms", "lee_summary", "lee_layers_mean", "lee_contrib_mean"):
         table = _present(tables, name)
         if table is None or "transform" not in table.columns:
             continue
@@ -288,23 +292,126 @@ def _lee_layers_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
     return fig
 
 
+# ------------------------------------------------------------ layer contributions
+
+
+def _lee_contrib_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
+    """Per transformation a panel of bars per layer (input to output) of the mean squared
+    contribution to the logits' Lie derivative, 95% error bars, log y."""
+    contrib = _present(tables, "lee_contrib_mean")
+    if contrib is None:
+        return None
+    order, units = _units(tables)
+    contrib = contrib.assign(transform=contrib["transform"].astype(str))
+    transforms = [t for t in order if t in set(contrib["transform"])]
+    if not transforms:
+        return None
+    colours = _colours(order)
+    names = list(
+        dict.fromkeys(
+            name
+            for _, name in sorted(
+                set(zip(contrib["order"].astype(float), contrib["layer"].astype(str), strict=True))
+            )
+        )
+    )
+    longest = max(len(n) for n in names)
+    cols = min(len(transforms), 3)
+    rows = math.ceil(len(transforms) / cols)
+    width = max(3.4, 0.3 * len(names) + 1.4)
+    fig = Figure(
+        figsize=(width * cols + 0.4, (2.6 + 0.055 * longest) * rows + 0.9),
+        layout="constrained",
+    )
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(transforms) :]:
+        ax.set_visible(False)
+    for ax, transform in zip(axes, transforms, strict=False):
+        sub = (
+            contrib[contrib["transform"] == transform]
+            .drop_duplicates("layer")
+            .set_index("layer")
+            .reindex(names)
+        )
+        values = sub["mean"].to_numpy(dtype=float)
+        low = sub.get("low", pd.Series(np.nan, index=sub.index)).to_numpy(dtype=float)
+        high = sub.get("high", pd.Series(np.nan, index=sub.index)).to_numpy(dtype=float)
+        x = np.arange(len(names), dtype=float)
+        positive = np.isfinite(values) & (values > 0)
+        shown = _positive(values)
+        floor = shown.min() / 10 if len(shown) else 1e-12
+        ax.bar(
+            x[positive],
+            values[positive],
+            width=0.7,
+            color=colours[transform],
+            edgecolor="black",
+            linewidth=0.5,
+        )
+        # a lower bound at or below 0 (mean - 1.96 SE) runs to the bottom of the log axis
+        lower = np.where(np.isfinite(low), np.maximum(low, floor), values)
+        upper = np.where(np.isfinite(high), high, values)
+        spans = np.nan_to_num(np.stack([values - lower, upper - values]), nan=0.0).clip(min=0.0)
+        if positive.any() and (np.isfinite(low) | np.isfinite(high)).any():
+            ax.errorbar(
+                x[positive],
+                values[positive],
+                yerr=spans[:, positive],
+                fmt="none",
+                ecolor="black",
+                elinewidth=0.8,
+                capsize=2,
+            )
+        ax.set_yscale("log")
+        # an exactly zero contribution (an equivariant layer) has no bar on a log axis
+        for xv, v in zip(x, values, strict=True):
+            if not (np.isfinite(v) and v > 0):
+                text = "0" if np.isfinite(v) else "n/a"
+                ax.text(xv, 0.02, text, transform=ax.get_xaxis_transform(), ha="center", fontsize=7)
+        everything = _positive(values[positive], lower[positive], upper[positive])
+        if len(everything):
+            _log_limits(ax, everything.min(), everything.max(), room=0.2)
+        else:
+            ax.set_ylim(1e-3, 1.0)
+        ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_title(_tick(transform, units), fontsize=9)
+        unit = units.get(transform, "unit")
+        ax.set_ylabel(f"E‖c_i‖² (per {unit}²)", fontsize=8)
+        ax.grid(axis="y", which="major", alpha=0.3)
+        ax.set_axisbelow(True)
+    fig.supxlabel("layer (input → output)", fontsize=9)
+    n = contrib["n"].dropna().unique() if "n" in contrib.columns else []
+    suffix = f" ({int(n[0])} images)" if len(n) == 1 else ""
+    fig.suptitle(
+        "Layer-wise contributions to the Lie derivative of the logits" + suffix + "\n"
+        "c_i: layer i's local equivariance error carried to the logits (Σ c_i = d logits/dt); "
+        + INTERVAL_LABEL,
+        fontsize=9,
+    )
+    return fig
+
+
 # ------------------------------------------------------------------- entry points
 
 _FIGURES: tuple[tuple[str, Callable[[Mapping[str, pd.DataFrame]], Figure | None]], ...] = (
     ("lee", _lee_figure),
     ("lee_layers", _lee_layers_figure),
+    ("lee_contrib", _lee_contrib_figure),
 )
 
 
 def render_lee_figures(tables: Mapping[str, pd.DataFrame], out_dir: str | Path) -> list[Path]:
     """Draw every LEE figure whose tables are present in ``tables``; return the written paths.
 
-    ``lee_summary`` draws ``lee``, ``lee_layers_mean`` draws ``lee_layers``; a missing
-    table skips its figure.
+    ``lee_summary`` draws ``lee``, ``lee_layers_mean`` draws ``lee_layers``,
+    ``lee_contrib_mean`` draws ``lee_contrib``; a missing table skips its figure.
     """
-    if all(_present(tables, name) is None for name in ("lee_summary", "lee_layers_mean")):
+    names = ("lee_summary", "lee_layers_mean", "lee_contrib_mean")
+    if all(_present(tables, name) is None for name in names):
         raise InvariscopeError(
-            "the LEE tables have neither 'lee_summary' nor 'lee_layers_mean'; draw the "
+            "the LEE tables have neither 'lee_summary' nor 'lee_layers_mean' nor "
+            "'lee_contrib_mean'; draw the "
             "figures of a finished LEE run (run the LEE analysis first)"
         )
     out_dir = Path(out_dir)
