@@ -263,7 +263,7 @@ def run_analysis_command(
     datasets = {"data": create_dataset(data_spec, split=split)} if analysis.datasets else {}
     started = init_distributed(dev, timeout=common["timeout"])
     try:
-        return run(
+        result = run(
             analysis,
             models,
             datasets,
@@ -293,6 +293,11 @@ def run_analysis_command(
             },
             options=options,
         )
+        if started:  # leave together: no rank tears the group down while rank 0 still works
+            import torch.distributed as dist
+
+            dist.barrier()
+        return result
     finally:
         if started:
             import torch.distributed as dist
