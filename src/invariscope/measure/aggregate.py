@@ -39,6 +39,7 @@ cells, not by the number of images.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -127,6 +128,19 @@ def wilson_interval(
     low = np.where(empty, np.nan, np.where(k == 0, 0.0, low))
     high = np.where(empty, np.nan, np.where(k == n, 1.0, high))
     return low, high
+
+
+def mean_interval(values: ArrayLike) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of the finite ``values`` and its 95% normal
+    interval, mean +- 1.96 standard errors (NaN bounds for a single value, all NaN for
+    none)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return math.nan, math.nan, math.nan
+    m = float(v.mean())
+    half = 1.96 * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    return m, m - half, m + half
 
 
 def _insert_interval(

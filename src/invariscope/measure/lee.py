@@ -123,6 +123,7 @@ from torch.utils.data import Dataset
 from invariscope.engine import Analysis, AnalysisEntry, Batch, Part, part_id, register_analysis
 from invariscope.engine import run as run_analysis
 from invariscope.errors import InvariscopeError
+from invariscope.measure.aggregate import mean_interval
 from invariscope.models.capture import resolve_layer
 from invariscope.models.classifier import Classifier, default_layer_names
 from invariscope.transforms import get_transform, list_transforms, warp_affine
@@ -146,7 +147,6 @@ log = logging.getLogger(__name__)
 
 PART_TABLES = ("lee", "lee_layers", "lee_contrib")
 AGGREGATE_TABLES = ("lee_summary", "lee_layers_mean", "lee_contrib_mean", "transforms", "classes")
-Z95 = 1.96
 
 
 # --------------------------------------------------------------------------- families
@@ -523,16 +523,6 @@ def _contribution_values(d: LieContributions) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------- aggregation
 
 
-def _mean_interval(values) -> tuple[float, float, float]:
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if not len(v):
-        return math.nan, math.nan, math.nan
-    m = float(v.mean())
-    half = Z95 * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else math.nan
-    return m, m - half, m + half
-
-
 def lee_summary(per_image: pd.DataFrame, units: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per transform: ``transform, unit, n, lee, lee_low, lee_high, lee_abs,
     lee_abs_low, lee_abs_high, median_lee, lee_prob_abs`` (means over images with
@@ -542,23 +532,26 @@ def lee_summary(per_image: pd.DataFrame, units: dict[str, str] | None = None) ->
     units = units or {}
     for name, g in per_image.groupby("transform", sort=False):
         row: dict[str, Any] = {"transform": name, "unit": units.get(name, ""), "n": len(g)}
-        row["lee"], row["lee_low"], row["lee_high"] = _mean_interval(g["lee"])
-        row["lee_abs"], row["lee_abs_low"], row["lee_abs_high"] = _mean_interval(g["lee_abs"])
+        row["lee"], row["lee_low"], row["lee_high"] = mean_interval(g["lee"])
+        row["lee_abs"], row["lee_abs_low"], row["lee_abs_high"] = mean_interval(g["lee_abs"])
         row["median_lee"] = float(np.median(g["lee"].to_numpy(np.float64)))
         row["lee_prob_abs"] = float(g["lee_prob_abs"].mean())
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def lee_layers_mean(per_layer: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
-    """Per (transform, layer): ``mean, low, high`` (of ``lee``, mean +- 1.96 SE over
-    images), ``rel_mean`` (mean ``lee_rel``) and ``n`` images."""
+def _per_layer_means(
+    per_layer: pd.DataFrame, order: Sequence[str], value: str, extra: str, extra_name: str
+) -> pd.DataFrame:
+    """Per (transform, layer): ``mean, low, high`` of ``value`` (mean +- 1.96 SE over
+    images), ``extra_name`` (the mean of the finite ``extra``) and ``n`` images, in the
+    order of ``order`` (transforms) and ``order`` (layers)."""
     rows = []
     rank = {name: i for i, name in enumerate(order)}
     for (name, o, layer), g in per_layer.groupby(["transform", "order", "layer"], sort=False):
-        m, lo, hi = _mean_interval(g["lee"])
-        rel = g["lee_rel"].to_numpy(np.float64)
-        rel = rel[np.isfinite(rel)]
+        m, lo, hi = mean_interval(g[value])
+        other = g[extra].to_numpy(np.float64)
+        other = other[np.isfinite(other)]
         rows.append(
             {
                 "transform": name,
@@ -567,7 +560,7 @@ def lee_layers_mean(per_layer: pd.DataFrame, order: Sequence[str]) -> pd.DataFra
                 "mean": m,
                 "low": lo,
                 "high": hi,
-                "rel_mean": float(rel.mean()) if len(rel) else math.nan,
+                extra_name: float(other.mean()) if len(other) else math.nan,
                 "n": len(g),
             }
         )
@@ -577,35 +570,18 @@ def lee_layers_mean(per_layer: pd.DataFrame, order: Sequence[str]) -> pd.DataFra
         out = out.sort_values(["_rank", "order"], kind="stable").drop(columns="_rank")
         out = out.reset_index(drop=True)
     return out
+
+
+def lee_layers_mean(per_layer: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
+    """Per (transform, layer): ``mean, low, high`` (of ``lee``, mean +- 1.96 SE over
+    images), ``rel_mean`` (mean ``lee_rel``) and ``n`` images."""
+    return _per_layer_means(per_layer, order, "lee", "lee_rel", "rel_mean")
 
 
 def lee_contrib_mean(per_layer: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
     """Per (transform, layer): ``mean, low, high`` of ``contribution`` (mean +- 1.96 SE
     over images), ``share_mean`` (mean finite ``share``) and ``n`` images."""
-    rows = []
-    rank = {name: i for i, name in enumerate(order)}
-    for (name, o, layer), g in per_layer.groupby(["transform", "order", "layer"], sort=False):
-        m, lo, hi = _mean_interval(g["contribution"])
-        share = g["share"].to_numpy(np.float64)
-        share = share[np.isfinite(share)]
-        rows.append(
-            {
-                "transform": name,
-                "layer": layer,
-                "order": int(o),
-                "mean": m,
-                "low": lo,
-                "high": hi,
-                "share_mean": float(share.mean()) if len(share) else math.nan,
-                "n": len(g),
-            }
-        )
-    out = pd.DataFrame(rows)
-    if len(out):
-        out["_rank"] = out["transform"].map(rank).fillna(len(rank))
-        out = out.sort_values(["_rank", "order"], kind="stable").drop(columns="_rank")
-        out = out.reset_index(drop=True)
-    return out
+    return _per_layer_means(per_layer, order, "contribution", "share", "share_mean")
 
 
 # ------------------------------------------------------------------------- the analysis

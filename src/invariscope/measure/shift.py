@@ -48,7 +48,7 @@ from invariscope.engine import run as run_analysis
 from invariscope.engine.execution import check_logits
 from invariscope.engine.random import uniform_per_image
 from invariscope.errors import InvariscopeError
-from invariscope.measure.aggregate import wilson_interval
+from invariscope.measure.aggregate import mean_interval, wilson_interval
 from invariscope.models.capture import resolve_layer
 from invariscope.models.classifier import default_layer_names
 from invariscope.transforms.shift import ShiftProtocol, parse_protocol
@@ -780,15 +780,6 @@ def _layer_tables(
 # ------------------------------------------------------------------------- aggregates
 
 
-def _mean_interval(values: pd.Series) -> tuple[float, float, float]:
-    v = values.dropna().to_numpy(dtype=np.float64)
-    if not len(v):
-        return float("nan"), float("nan"), float("nan")
-    m = float(v.mean())
-    half = 1.96 * float(v.std(ddof=1)) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
-    return m, m - half, m + half
-
-
 def shift_summary(sequences: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, protocol) with 95% intervals.
 
@@ -816,7 +807,7 @@ def shift_summary(sequences: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
         row["fp"] = k / (n * (f - 1))
         row["fp_low"], row["fp_high"] = map(float, wilson_interval(k, n * (f - 1)))
         for col in ("t5d", "mad"):
-            row[col], row[f"{col}_low"], row[f"{col}_high"] = _mean_interval(g[col])
+            row[col], row[f"{col}_low"], row[f"{col}_high"] = mean_interval(g[col])
         sel = (
             pairs[(pairs["model"] == model) & (pairs["protocol"] == protocol)]
             if len(pairs)
@@ -854,7 +845,7 @@ def nonshiftability_mean(layers: pd.DataFrame) -> pd.DataFrame:
     rows = []
     keys = ["model", "protocol", "layer_order", "layer"]
     for key, g in layers.groupby(keys, sort=True):
-        m, lo, hi = _mean_interval(g["nonshiftability"])
+        m, lo, hi = mean_interval(g["nonshiftability"])
         rows.append(
             dict(zip(keys, key, strict=True))
             | {

@@ -39,7 +39,7 @@ from matplotlib.patches import Patch
 
 from invariscope.errors import InvariscopeError
 from invariscope.plots.shift import _OKABE_ITO, _present
-from invariscope.plots.sweep import _save
+from invariscope.plots.sweep import figures_dir, save_figures, stored_aggregates
 
 __all__ = ["render_lee_figures", "render_lee_run"]
 
@@ -414,19 +414,9 @@ def render_lee_figures(tables: Mapping[str, pd.DataFrame], out_dir: str | Path) 
             "'lee_contrib_mean'; draw the "
             "figures of a finished LEE run (run the LEE analysis first)"
         )
-    out_dir = Path(out_dir)
-    paths: list[Path] = []
-    for name, build in _FIGURES:
-        fig = build(tables)
-        if fig is not None:
-            paths += _save(fig, out_dir, name)
-    return paths
+    return save_figures(_FIGURES, tables, out_dir)
 
 
 def render_lee_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Draw the figures of a stored LEE run (read-only) into ``out_dir`` (default ``run_dir/figures``)."""
-    from invariscope.runs.store import RunStore
-
-    run = RunStore.open(run_dir)
-    tables = {name: run.read_aggregate(name) for name in run.aggregates()}
-    return render_lee_figures(tables, Path(out_dir) if out_dir else Path(run_dir) / "figures")
+    return render_lee_figures(stored_aggregates(run_dir), figures_dir(run_dir, out_dir))

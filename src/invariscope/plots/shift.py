@@ -45,7 +45,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from invariscope.errors import InvariscopeError
-from invariscope.plots.sweep import _grid, _names, _save
+from invariscope.plots.sweep import _grid, _names, figures_dir, save_figures, stored_aggregates
 
 __all__ = ["render_shift_figures", "render_shift_run"]
 
@@ -694,19 +694,9 @@ def render_shift_figures(tables: Mapping[str, pd.DataFrame], out_dir: str | Path
             "the shift tables have no 'shift_summary'; draw the figures of a finished "
             "shift run (run the shift analysis first)"
         )
-    out_dir = Path(out_dir)
-    paths: list[Path] = []
-    for name, build in _FIGURES:
-        fig = build(tables)
-        if fig is not None:
-            paths += _save(fig, out_dir, name)
-    return paths
+    return save_figures(_FIGURES, tables, out_dir)
 
 
 def render_shift_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Draw the figures of a stored shift run (read-only) into ``out_dir`` (default ``run_dir/figures``)."""
-    from invariscope.runs.store import RunStore
-
-    run = RunStore.open(run_dir)
-    tables = {name: run.read_aggregate(name) for name in run.aggregates()}
-    return render_shift_figures(tables, Path(out_dir) if out_dir else Path(run_dir) / "figures")
+    return render_shift_figures(stored_aggregates(run_dir), figures_dir(run_dir, out_dir))

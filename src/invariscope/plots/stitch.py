@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 
 from invariscope.errors import InvariscopeError
 from invariscope.plots.shift import _present
-from invariscope.plots.sweep import _save
+from invariscope.plots.sweep import _save, figures_dir, stored_aggregates
 
 __all__ = ["render_stitch_figures", "render_stitch_run"]
 
@@ -274,8 +274,4 @@ def render_stitch_figures(tables: Mapping[str, pd.DataFrame], out_dir: str | Pat
 
 def render_stitch_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Draw the figures of a stored stitching run (read-only) into ``out_dir`` (default ``run_dir/figures``)."""
-    from invariscope.runs.store import RunStore
-
-    run = RunStore.open(run_dir)
-    tables = {name: run.read_aggregate(name) for name in run.aggregates()}
-    return render_stitch_figures(tables, Path(out_dir) if out_dir else Path(run_dir) / "figures")
+    return render_stitch_figures(stored_aggregates(run_dir), figures_dir(run_dir, out_dir))

@@ -70,6 +70,29 @@ def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
+def stored_aggregates(run_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """Every aggregate table of the stored run at ``run_dir`` (opened read-only)."""
+    from invariscope.runs.store import RunStore
+
+    run = RunStore.open(run_dir)
+    return {name: run.read_aggregate(name) for name in run.aggregates()}
+
+
+def figures_dir(run_dir: str | Path, out_dir: str | Path | None) -> Path:
+    """``out_dir``, or the run's own ``figures`` folder when it is not given."""
+    return Path(out_dir) if out_dir else Path(run_dir) / "figures"
+
+
+def save_figures(builders, tables: Mapping[str, pd.DataFrame], out_dir: str | Path) -> list[Path]:
+    """Build each ``(name, build(tables) -> Figure | None)`` and save the ones drawn."""
+    paths: list[Path] = []
+    for name, build in builders:
+        fig = build(tables)
+        if fig is not None:
+            paths += _save(fig, Path(out_dir), name)
+    return paths
+
+
 def _names(classes: pd.DataFrame | None) -> dict[int, str]:
     if classes is None or len(classes) == 0:
         return {}
@@ -542,7 +565,7 @@ def render_sweep_run(run_dir: str | Path, out_dir: str | Path | None = None) -> 
     from invariscope.runs.store import RunStore
 
     run = RunStore.open(run_dir)
-    tables = {name: run.read_aggregate(name) for name in run.aggregates()}
+    tables = stored_aggregates(run_dir)
     meta = run.meta
     budget = run.config.get("worst_case") or None
     text = None
@@ -553,7 +576,7 @@ def render_sweep_run(run_dir: str | Path, out_dir: str | Path | None = None) -> 
         )
     return render_sweep_figures(
         tables,
-        Path(out_dir) if out_dir else Path(run_dir) / "figures",
+        figures_dir(run_dir, out_dir),
         fraction=meta.get("threshold_fraction"),
         budget=text,
     )
