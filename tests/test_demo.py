@@ -10,7 +10,9 @@ def test_demo_trains_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
     argv = ["demo", "--out", str(tmp_path / "out"), "--epochs", "1", "--no-progress"]
     assert run(argv) == 0
     first = capsys.readouterr().out
-    for stage in ("[sweep]", "[worst_case]", "[shift]", "[stitch]", "[lee]", "[report]"):
+    stages = ["[sweep]", "[worst_case]", "[shift]", "[stitch]", "[lee]", "[stn_benchmark]"]
+    stages += ["[alignment]", "[equivariance]", "[itn]", "[report]"]
+    for stage in stages:
         assert stage in first
     assert "trained for 1 epochs" in first
     cached = list((tmp_path / "cache" / "models").glob("simple-cnn_digits_*.pt"))

@@ -20,6 +20,10 @@ COMMAND_MODULES = (
     "antialias",
     "stitch",
     "lee",
+    "stn",
+    "alignment",
+    "equivariance",
+    "itn",
     "render",
     "report",
 )

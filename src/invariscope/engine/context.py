@@ -94,6 +94,7 @@ class MemoryStore:
         pid: str,
         tables: Mapping[str, pd.DataFrame],
         blobs: Mapping[str, bytes] | None = None,
+        stage: int | None = None,
     ) -> None:
         # stored as a stored run reads them back: RangeIndex, no shared frames
         self.parts[pid] = {n: t.reset_index(drop=True) for n, t in tables.items()}

@@ -42,6 +42,10 @@ BUILTIN_MODULES = (
     "invariscope.measure.shift",
     "invariscope.measure.stitch",
     "invariscope.measure.lee",
+    "invariscope.measure.stn",
+    "invariscope.measure.alignment",
+    "invariscope.measure.equivariance",
+    "invariscope.measure.itn",
 )
 
 

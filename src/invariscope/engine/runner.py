@@ -336,9 +336,9 @@ def _collective(group, fn, what: str = ""):
 
 def _store_output(store, part: Part, output: Any, analysis: Analysis) -> None:
     if isinstance(output, PartOutput):
-        store.write_part(part.id, output.tables, output.blobs)
+        store.write_part(part.id, output.tables, output.blobs, stage=part.stage)
     elif isinstance(output, Mapping):
-        store.write_part(part.id, dict(output))
+        store.write_part(part.id, dict(output), stage=part.stage)
     else:
         raise TypeError(
             f"{type(analysis).__name__}.compute returned {type(output).__name__}; return a "

@@ -21,6 +21,7 @@ from invariscope.models.antialias import ANTIALIAS_METHODS, BlurPool2d, Polyphas
 from invariscope.models.capture import ActivationCapture, capture_activations
 from invariscope.models.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from invariscope.models.classifier import Classifier, check_class_names, default_layer_names
+from invariscope.models.isotropic import IsotropicConv2d  # noqa: F401  (registers isotropic-cnn)
 from invariscope.models.loading import load_model
 from invariscope.models.nets import BasicBlock, SimpleCNN, SmallResNet, SmallVGG
 from invariscope.models.registry import (

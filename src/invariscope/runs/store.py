@@ -776,6 +776,7 @@ class RunStore:
         part_id: str,
         tables: Mapping[str, pd.DataFrame | pa.Table],
         blobs: Mapping[str, bytes] | None = None,
+        stage: int | None = None,
     ) -> None:
         """Write the tables (and binary blobs) of one part, then its done marker.
 
@@ -786,6 +787,8 @@ class RunStore:
                 name are concatenated by :meth:`read_table`.
             blobs: ``{name: bytes}`` stored as ``<name>.bin`` in the part (fitted maps,
                 trained weights), read back with :meth:`read_blob`.
+            stage: the engine stage the part belongs to, recorded in the marker (parts are
+                dealt out to ranks stage by stage).
         """
         self._require_writer("write a part")
         pid = _check_part_id(part_id)
@@ -819,6 +822,8 @@ class RunStore:
             "rank": self.rank,
             "finished": _now(),
         }
+        if stage is not None:
+            marker["stage"] = int(stage)
         _atomic_json(folder / DONE, marker, self.rank)
 
     def write_aggregate(self, name: str, table: pd.DataFrame | pa.Table) -> None:
