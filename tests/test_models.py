@@ -87,7 +87,7 @@ def test_builtin_models_are_registered_with_documented_defaults():
     assert list_models() == sorted(list_models())
     assert list_models("small-*") == ["small-resnet", "small-vgg"]
     info = model_info("simple-cnn")
-    assert info.defaults == {"in_channels": 1, "image_size": 28, "num_classes": 10}
+    assert info.defaults == {"in_channels": 1, "image_size": 28, "num_classes": 10, "width": 64}
     assert info.image_sizes == (28, 60, 112)
     assert info.description.startswith("Finnveden et al.'s MNIST CNN")
     assert "\n" not in info.description

@@ -187,7 +187,7 @@ def test_checkpoint_whose_weights_do_not_fit(tmp_path):
 def test_load_model_registry_name_with_and_without_weights(tmp_path):
     fresh = load_model("simple-cnn", num_classes=4)
     assert not fresh.training and fresh.num_classes == 4 and fresh.arch == "simple-cnn"
-    assert fresh.arch_kwargs == {"in_channels": 1, "image_size": 28, "num_classes": 4}
+    assert fresh.arch_kwargs == {"in_channels": 1, "image_size": 28, "num_classes": 4, "width": 64}
 
     source = _trained_like(create_model("small-vgg", width=4))
     torch.save(source.net.state_dict(), tmp_path / "net.pt")  # weights of the network

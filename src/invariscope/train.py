@@ -23,7 +23,6 @@ import math
 import numbers
 import re
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -34,7 +33,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from invariscope.data.batches import iter_batches
-from invariscope.engine.execution import resolve_device  # noqa: F401 - re-exported
+from invariscope.engine.execution import (  # noqa: F401 - re-exported
+    deterministic_training,
+    resolve_device,
+)
 from invariscope.errors import InvariscopeError
 from invariscope.transforms import get_transform
 
@@ -153,37 +155,6 @@ def check_classes(dataset: Dataset) -> None:
             f"the training data has {len(classes)} class ({names}); a classifier needs at "
             "least 2 classes: give each class its own folder (DATA/<class>/*.png)"
         )
-
-
-@contextlib.contextmanager
-def deterministic_training() -> Iterator[None]:
-    """Use deterministic kernels inside the block; restore the previous settings after.
-
-    Sets ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op without a
-    deterministic implementation warns once instead of failing), cuDNN's deterministic
-    mode without autotuning, and oneDNN's (mkldnn) deterministic mode.
-    """
-    saved = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.deterministic,
-        torch.backends.cudnn.benchmark,
-        getattr(torch.backends.mkldnn, "deterministic", None),
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("once", message=".*deterministic.*")
-        try:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
-            if saved[4] is not None:
-                torch.backends.mkldnn.deterministic = True
-            yield
-        finally:
-            torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:4]
-            if saved[4] is not None:
-                torch.backends.mkldnn.deterministic = saved[4]
 
 
 @contextlib.contextmanager

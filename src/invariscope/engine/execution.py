@@ -15,9 +15,12 @@ rest of the run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,6 +34,7 @@ __all__ = [
     "Execution",
     "Forward",
     "check_logits",
+    "deterministic_training",
     "is_out_of_memory",
     "model_device",
     "model_fingerprint",
@@ -363,3 +367,34 @@ class Forward:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         for model in self.models.values():
             model.to(memory_format=fmt)
+
+
+@contextlib.contextmanager
+def deterministic_training() -> Iterator[None]:
+    """Use deterministic kernels inside the block; restore the previous settings after.
+
+    Sets ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op without a
+    deterministic implementation warns once instead of failing), cuDNN's deterministic
+    mode without autotuning, and oneDNN's (mkldnn) deterministic mode.
+    """
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        getattr(torch.backends.mkldnn, "deterministic", None),
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("once", message=".*deterministic.*")
+        try:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+            if saved[4] is not None:
+                torch.backends.mkldnn.deterministic = True
+            yield
+        finally:
+            torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:4]
+            if saved[4] is not None:
+                torch.backends.mkldnn.deterministic = saved[4]

@@ -486,7 +486,7 @@ class STNBenchmarkAnalysis(Analysis):
         return x, y
 
     def _train(self, ctx, a: int, s: int) -> PartOutput:
-        from invariscope.train import deterministic_training
+        from invariscope.engine.execution import deterministic_training
 
         spec = self.specs[a]
         model = self._build(a, s, ctx.num_classes, ctx.seed).to(ctx.device)

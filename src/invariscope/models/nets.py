@@ -41,26 +41,33 @@ class SimpleCNN(nn.Sequential):
     the linear layer's size follows from ``image_size``: 28 -> 64*2*2, 60 -> 64*10*10,
     112 -> 64*23*23.
 
+    ``width`` (default 64) is the number of channels of both convolutions; the paper keeps
+    its networks deliberately small (50-70 thousand parameters with the localisation net
+    on the 28 and 60 px sets) so that the classifier cannot learn the perturbations alone.
+
     Shapes: ``[B, in_channels, S, S]`` -> ``[B, num_classes]``, ``S >= 22``.
     """
 
     layer_names = ("conv1", "pool1", "relu1", "conv2", "pool2", "relu2", "fc")
 
-    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10):
+    def __init__(
+        self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, width: int = 64
+    ):
+        width = _check("simple-cnn", width, 1, "width")
         in_channels = _check("simple-cnn", in_channels, 1, "in_channels")
         image_size = _check("simple-cnn", image_size, 22, "image_size")
         num_classes = _check("simple-cnn", num_classes, 1, "num_classes")
         side = ((image_size - 8) // 2 - 6) // 2
         super().__init__(
             OrderedDict(
-                conv1=nn.Conv2d(in_channels, 64, kernel_size=9),
+                conv1=nn.Conv2d(in_channels, width, kernel_size=9),
                 pool1=nn.MaxPool2d(2),
                 relu1=nn.ReLU(),
-                conv2=nn.Conv2d(64, 64, kernel_size=7),
+                conv2=nn.Conv2d(width, width, kernel_size=7),
                 pool2=nn.MaxPool2d(2),
                 relu2=nn.ReLU(),
                 flatten=nn.Flatten(),
-                fc=nn.Linear(64 * side * side, num_classes),
+                fc=nn.Linear(width * side * side, num_classes),
             )
         )
 
@@ -194,9 +201,11 @@ def _wrap(net: nn.Module, in_channels: int, image_size: int, num_classes: int) -
 
 
 @register_model("simple-cnn", image_sizes=(28, 60, 112))
-def simple_cnn(in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> Classifier:
-    """Finnveden et al.'s MNIST CNN: conv9x9(64)-pool-relu-conv7x7(64)-pool-relu-linear."""
-    net = SimpleCNN(in_channels, image_size, num_classes)
+def simple_cnn(
+    in_channels: int = 1, image_size: int = 28, num_classes: int = 10, width: int = 64
+) -> Classifier:
+    """Finnveden et al.'s MNIST CNN: conv9x9(w)-pool-relu-conv7x7(w)-pool-relu-linear, w=64."""
+    net = SimpleCNN(in_channels, image_size, num_classes, width)
     return _wrap(net, in_channels, image_size, num_classes)
 
 

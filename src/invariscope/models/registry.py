@@ -14,7 +14,7 @@ with the same decorator; a factory decides the layer names of its model through
 >>> "simple-cnn" in list_models()
 True
 >>> create_model("simple-cnn").arch_kwargs
-{'in_channels': 1, 'image_size': 28, 'num_classes': 10}
+{'in_channels': 1, 'image_size': 28, 'num_classes': 10, 'width': 64}
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def model_info(name: str) -> ModelInfo:
     """Description, default keyword arguments and supported sizes of a registered model.
 
     >>> model_info("simple-cnn").defaults
-    {'in_channels': 1, 'image_size': 28, 'num_classes': 10}
+    {'in_channels': 1, 'image_size': 28, 'num_classes': 10, 'width': 64}
     """
     return _entry(name).info
 
