@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_distributed.py
 	$(PY) benchmarks/bench_224.py
 	$(PY) benchmarks/bench_shift.py
+	$(PY) benchmarks/bench_equivariance.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist src/*.egg-info
