@@ -290,3 +290,29 @@ def test_benchmark_tables_in_memory(tmp_path):
     assert set(r.tables["example_images"]["image"]) == {"input", "warped"}
     names = {p.name for p in render_stn_run(r.run_dir)}
     assert {"stn_errors.png", "stn_pose.png", "stn_angles.png", "stn_examples.png"} <= names
+
+
+@pytest.mark.parametrize("arch", ["C0", "DL1", "SL1"])
+def test_localisation_learning_rate_scale_splits_the_parameters(arch):
+    from invariscope.data import create_dataset
+    from invariscope.measure.stn import STNBenchmarkAnalysis
+
+    analysis = STNBenchmarkAnalysis(
+        create_dataset("rotated-digits", split="train"), [arch], lr=2e-3, loc_lr_scale=10
+    )
+    stn = build_stn(create_model("simple-cnn"), arch)
+    groups = analysis._param_groups(stn)
+    rest, loc = groups
+    assert rest["lr"] == pytest.approx(2e-3) and loc["lr"] == pytest.approx(2e-2)
+    loc_ids, rest_ids = {id(p) for p in loc["params"]}, {id(p) for p in rest["params"]}
+    assert not loc_ids & rest_ids  # no parameter in both groups
+    assert loc_ids | rest_ids == {id(p) for p in stn.parameters()}
+    assert loc_ids == {id(p) for p in stn.loc_parameters()}
+    # SL1's shared first block learns with the classifier, not the localisation net
+    shared = {id(p) for p in stn.classifier.net.conv1.parameters()}
+    assert shared <= rest_ids
+    torch.optim.Adam(groups)  # Adam accepts the groups
+    with pytest.raises(InvariscopeError, match="loc-lr-scale|loc_lr_scale"):
+        STNBenchmarkAnalysis(
+            create_dataset("rotated-digits", split="train"), [arch], loc_lr_scale=0
+        )

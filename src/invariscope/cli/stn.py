@@ -46,6 +46,14 @@ QUICK = {"steps": 800, "train_batch": 64, "images": 1000}
 )
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
 @click.option(
+    "--loc-lr-scale",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="The localisation nets learn at lr x this (10 with --family rotation makes them "
+    "learn to undo rotations on the rotated sets; see the README).",
+)
+@click.option(
     "--train-images",
     default=None,
     type=int,
@@ -80,7 +88,18 @@ QUICK = {"steps": 800, "train_batch": 64, "images": 1000}
 )
 @engine_options
 def stn_cmd(
-    archs, seeds, steps, train_batch, lr, train_images, augment, family, examples, quick, **kwargs
+    archs,
+    seeds,
+    steps,
+    train_batch,
+    lr,
+    loc_lr_scale,
+    train_images,
+    augment,
+    family,
+    examples,
+    quick,
+    **kwargs,
 ) -> None:
     """Train and compare spatial transformer networks (Finnveden et al. 2020, tables I-II).
 
@@ -119,6 +138,7 @@ def stn_cmd(
         augment=augment,
         family=family,
         examples=examples,
+        loc_lr_scale=loc_lr_scale,
     )
     # Only the base model's architecture is used, but the run's configuration holds its
     # weights' fingerprint: a registered name is built under a fixed seed so that the
