@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from invariscope.data.batches import iter_index_batches
+from invariscope.data.batches import epoch_batches, iter_index_batches
 from invariscope.engine import (
     Analysis,
     AnalysisEntry,
@@ -496,13 +496,7 @@ class EquivarianceAnalysis(Analysis):
         return TransformationLayer(geom.channels, self._forward_map(li, ti), self.kernel_size)
 
     def _tl_batches(self, seed: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(seed)
-        total, n = self.steps * self.train_batch, len(self.train_set)
-        order: list[int] = []
-        while len(order) < total:
-            order += torch.randperm(n, generator=g).tolist()
-        b = self.train_batch
-        return [order[s * b : (s + 1) * b] for s in range(self.steps)]
+        return epoch_batches(len(self.train_set), self.steps, self.train_batch, seed)
 
     def _train_tl(self, ctx, li: int, ti: int) -> PartOutput:
         layer, t = self.layers[li], self.transforms[ti]

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from invariscope.errors import InvariscopeError
+from invariscope.measure.alignment import feature_grids
 from invariscope.transforms import get_transform
 from invariscope.transforms.warp import warp_affine
 
@@ -112,69 +113,26 @@ class FeatureGeometry:
         return np.linalg.inv(c) @ m @ c
 
 
-_ELEMENTWISE = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout2d,
-    nn.BatchNorm2d,
-    nn.GroupNorm,
-    nn.InstanceNorm2d,
-)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _walk(model: nn.Module, layer: str) -> tuple[list[float], list[float]] | None:
-    """Stride and offset of ``layer`` by composing the sequential network's convolutions
-    and poolings up to it; None where the network is not a plain chain of known layers."""
-    net = getattr(model, "net", model)
-    if not isinstance(net, nn.Sequential):
-        return None
-    short = layer[4:] if layer.startswith("net.") and net is not model else layer
-    stride, offset = [1.0, 1.0], [0.0, 0.0]
-    for name, module in net.named_children():
-        if isinstance(module, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
-            k, s, p = _pair(module.kernel_size), _pair(module.stride), _pair(module.padding)
-            d = _pair(getattr(module, "dilation", 1))
-            if isinstance(module.padding, str):
-                return None
-            for a in range(2):
-                offset[a] += stride[a] * (-p[a] + d[a] * (k[a] - 1) / 2.0)
-                stride[a] *= s[a]
-        elif not isinstance(module, _ELEMENTWISE):
-            return None
-        if name == short:
-            return stride, offset
-    return None
-
-
 def layer_geometry(
     model: nn.Module | None, layer: str, image_hw: tuple[int, int], shape: Sequence[int]
 ) -> FeatureGeometry:
     """The geometry of a layer's output ``shape = (C, h, w)`` for ``H x W`` images.
 
-    For a plain sequential network (a Classifier's ``net`` or any ``nn.Sequential``) of
-    convolutions, poolings and element-wise layers, the receptive-field centre is
-    composed exactly: each ``k x k`` layer with stride ``s``, padding ``p`` and dilation
-    ``d`` maps output cell ``u`` to input position ``s u - p + d (k - 1) / 2``.
-    Otherwise the map is assumed to cover the image uniformly: ``x = (u + 1/2) W / w - 1/2``.
+    Where :func:`invariscope.measure.alignment.feature_grids` can place the layer (a
+    chain of convolutions, poolings and element-wise layers; residual blocks by their
+    main branch), the receptive-field centre is composed exactly: each ``k x k`` layer
+    with stride ``s``, padding ``p`` and dilation ``d`` maps output cell ``u`` to input
+    position ``s u - p + d (k - 1) / 2``. Otherwise the map is assumed to cover the
+    image uniformly: ``x = (u + 1/2) W / w - 1/2``.
     """
     c, h, w = (int(s) for s in shape)
-    walked = _walk(model, layer) if model is not None else None
-    if walked is None:
+    grid = None
+    if model is not None:
+        grid = feature_grids(model, [layer], (int(image_hw[0]), int(image_hw[1])))[layer]
+    if grid is None or grid.size != (h, w):
         sy, sx = image_hw[0] / h, image_hw[1] / w
         return FeatureGeometry(c, h, w, (sy, sx), ((sy - 1) / 2, (sx - 1) / 2))
-    stride, offset = walked
-    return FeatureGeometry(c, h, w, (stride[0], stride[1]), (offset[0], offset[1]))
+    return FeatureGeometry(c, h, w, grid.stride, grid.offset)
 
 
 # -------------------------------------------------------------------- transformations
