@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from invariscope.errors import InvariscopeError
 from invariscope.measure.pose import (
+    circular_sd_deg,
     forward_pose_matrix,
     perturbation_matrix,
     pose_components,
@@ -208,13 +209,52 @@ def test_pose_sd_is_the_mean_within_class_sd():
         }
     )
     row = pose_sd(frame).iloc[0]
-    # class 2 has one image: left out. Class 0: SD 10; class 1: SD sqrt(50)
+    # class 2 has one image: left out. Circular SD sqrt(-2 ln R), R the mean resultant
+    # length: class 0 (10, 20, 30 deg) R = (1 + 2 cos 10deg) / 3; class 1 (+-5) R = cos 5deg
     assert row["classes"] == 2
-    assert row["angle_sd_deg"] == pytest.approx((10.0 + math.sqrt(50.0)) / 2)
+    r0 = (1 + 2 * math.cos(math.radians(10))) / 3
+    r1 = math.cos(math.radians(5))
+    circ = [math.degrees(math.sqrt(-2 * math.log(r))) for r in (r0, r1)]
+    assert row["angle_sd_deg"] == pytest.approx(sum(circ) / 2, rel=1e-9)
+    # near 0 the circular SD is the linear one (ddof 0) to first order
+    assert circ[0] == pytest.approx(np.std([10, 20, 30]), rel=0.01)
+    # the paper's arctan reading: within (-90, 90) the plain sample SD (ddof 1)
+    assert row["angle_sd_arctan_deg"] == pytest.approx((10.0 + math.sqrt(50.0)) / 2)
     d0 = math.sqrt(np.var([0, 3, 0], ddof=1) + np.var([0, 0, 4], ddof=1))
     d1 = math.sqrt(0.0 + 2.0)
     assert row["distance_sd_px"] == pytest.approx((d0 + d1) / 2)
     assert row["log2_det_sd"] == pytest.approx((1.0 + 0.0) / 2)
+
+
+def test_pose_sd_of_an_upside_down_canonical_pose_is_small():
+    # a class brought to 180 deg reads as +-179: one pose, not two 358 deg apart
+    frame = pd.DataFrame(
+        {
+            "label": [0, 0, 1, 1],
+            "angle_deg": [179.0, -179.0, -1.0, 1.0],
+            "tx_px": 0.0,
+            "ty_px": 0.0,
+            "log2_det": 0.0,
+        }
+    )
+    per = pose_sd(frame, ["label"]).set_index("label")
+    assert per.loc[0, "angle_sd_deg"] == pytest.approx(per.loc[1, "angle_sd_deg"], rel=1e-9)
+    assert per.loc[0, "angle_sd_deg"] == pytest.approx(1.0, rel=1e-3)
+    # the arctan reading folds 179 -> -1 and -179 -> 1: also one pose
+    assert per.loc[0, "angle_sd_arctan_deg"] == pytest.approx(math.sqrt(2.0))
+    # but a class canonicalised at 90 deg is split by the fold, not by the circle
+    at90 = frame.assign(angle_deg=[89.0, 91.0, -1.0, 1.0])
+    per = pose_sd(at90, ["label"]).set_index("label")
+    assert per.loc[0, "angle_sd_deg"] == pytest.approx(1.0, rel=1e-3)
+    assert per.loc[0, "angle_sd_arctan_deg"] > 100.0
+
+
+def test_circular_sd_of_a_uniform_spread_over_90_degrees():
+    # R = sin(pi/2) / (pi/2) = 2 / pi for the uniform law on [-90, 90] deg
+    angles = np.linspace(-90, 90, 200001)
+    expected = math.degrees(math.sqrt(-2 * math.log(2 / math.pi)))
+    assert circular_sd_deg(angles) == pytest.approx(expected, rel=1e-4)
+    assert 54.0 < expected < 55.0
 
 
 def test_orthogonal_regression_recovers_a_line():
@@ -316,3 +356,30 @@ def test_localisation_learning_rate_scale_splits_the_parameters(arch):
         STNBenchmarkAnalysis(
             create_dataset("rotated-digits", split="train"), [arch], loc_lr_scale=0
         )
+
+
+@pytest.mark.parametrize(
+    ("data", "extra", "family", "scale"),
+    [
+        ("rotated-digits", [], "rotation", 10.0),
+        ("rotated-digits", ["--family", "affine"], "affine", 1.0),
+        ("rotated-digits", ["--loc-lr-scale", "3"], "affine", 3.0),
+        ("scaled-digits", [], "affine", 1.0),
+    ],
+)
+def test_quick_preset_on_rotated_sets_and_explicit_options_win(
+    tmp_path, data, extra, family, scale
+):
+    import json
+
+    import invariscope.cli.stn  # noqa: F401 - registers the command
+    from invariscope.cli import run as cli
+
+    out = tmp_path / "run"
+    argv = ["stn-benchmark", "--model", "simple-cnn", "--data", data, "--archs", "C0"]
+    argv += ["--seeds", "1", "--steps", "1", "--train-batch", "4", "--train-images", "8"]
+    argv += ["--images", "4", "--quick", "--no-progress", "--out", str(out), *extra]
+    assert cli(argv) == 0
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert (config["family"], config["loc_lr_scale"]) == (family, scale)
+    assert config["steps"] == 1  # an explicit option wins over --quick

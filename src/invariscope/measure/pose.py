@@ -13,9 +13,21 @@ decomposition (paper, footnote 2):
   digit's centre lands, relative to the image centre);
 - scale: ``log2(a11 a22 - a12 a21)``.
 
-**Pose SD**: per class, the sample standard deviation (``ddof=1``) of the final angle,
-of ``log2 det``, and the *standard distance deviation* of the translation
-(``sqrt(var(tx) + var(ty))``); then the mean over classes.
+**Pose SD**: per class, the spread of the final angle, the sample standard deviation
+(``ddof=1``) of ``log2 det``, and the *standard distance deviation* of the translation
+(``sqrt(var(tx) + var(ty))``); then the mean over classes. The angle's spread is given
+two ways:
+
+- ``angle_sd_deg`` (the headline): the CIRCULAR standard deviation
+  ``sqrt(-2 ln R)`` of the full-circle angle, ``R`` the mean resultant length
+  (:func:`scipy.stats.circstd`). A transformer may canonicalise a class to ANY pose,
+  upside down included: a class brought to 180 deg reads as a mixture of +179 and -179
+  deg, whose linear SD is ~180 deg although the pose is one; the circular SD is ~0. For a
+  concentrated class (the paper's regime) it equals the linear SD (ddof 0) to first
+  order; for a uniform spread over +-90 deg it is 54.4 deg (linear: 52.0).
+- ``angle_sd_arctan_deg``: the paper's literal recipe, the sample SD of
+  ``arctan((a21 - a12) / (a11 + a22))``, an angle folded into (-90, 90] (it cannot tell
+  a pose from its upside-down twin, and splits a class canonicalised near +-90).
 
 Convention (matrices):
     ``[B, 2, 3]`` FORWARD maps in centred pixel coordinates of the STN's input: a point
@@ -36,11 +48,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import circstd
 
 from invariscope.transforms import rotation_matrix
 from invariscope.transforms.warp import to_homogeneous
 
 __all__ = [
+    "circular_sd_deg",
     "forward_pose_matrix",
     "perturbation_matrix",
     "pose_components",
@@ -94,24 +108,40 @@ def pose_components(matrix: torch.Tensor) -> dict[str, np.ndarray]:
     }
 
 
+def circular_sd_deg(angles_deg) -> float:
+    """Circular standard deviation ``sqrt(-2 ln R)`` of angles in degrees, in degrees
+    (``R``: the length of the mean unit vector). 0 for identical angles, whatever they are;
+    the same for ``{179, -179}`` as for ``{-1, 1}``."""
+    return float(circstd(np.asarray(angles_deg, dtype=np.float64), high=180.0, low=-180.0))
+
+
+def _fold(angles_deg: pd.Series) -> pd.Series:
+    """The paper's ``arctan`` reading of a full-circle angle: folded into [-90, 90)."""
+    return (angles_deg + 90.0) % 180.0 - 90.0
+
+
 def pose_sd(frame: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """Within-class SD of the final pose, averaged over classes.
+    """Within-class spread of the final pose, averaged over classes (see the module docstring).
 
     ``frame`` has columns ``label, angle_deg, tx_px, ty_px, log2_det`` (final poses,
     one row per image) and the grouping columns ``by``. Returns one row per group with
-    ``angle_sd_deg``, ``distance_sd_px`` (standard distance deviation), ``log2_det_sd``
-    and ``classes`` (classes with >= 2 images, the ones averaged).
+    ``angle_sd_deg`` (circular SD), ``angle_sd_arctan_deg`` (the paper's folded angle,
+    ddof 1), ``distance_sd_px`` (standard distance deviation), ``log2_det_sd`` and
+    ``classes`` (classes with >= 2 images, the ones averaged).
     """
     by = list(by or [])
 
     def one(group: pd.DataFrame) -> pd.Series:
-        per = group.groupby("label").filter(lambda g: len(g) >= 2).groupby("label")
-        angle = per["angle_deg"].std(ddof=1)
+        kept = group.groupby("label").filter(lambda g: len(g) >= 2)
+        per = kept.groupby("label")
+        angle = per["angle_deg"].agg(circular_sd_deg)
+        folded = _fold(kept["angle_deg"]).groupby(kept["label"]).std(ddof=1)
         dist = np.sqrt(per["tx_px"].var(ddof=1) + per["ty_px"].var(ddof=1))
         scale = per["log2_det"].std(ddof=1)
         return pd.Series(
             {
                 "angle_sd_deg": float(angle.mean()) if len(angle) else float("nan"),
+                "angle_sd_arctan_deg": float(folded.mean()) if len(folded) else float("nan"),
                 "distance_sd_px": float(dist.mean()) if len(dist) else float("nan"),
                 "log2_det_sd": float(scale.mean()) if len(scale) else float("nan"),
                 "classes": int(len(angle)),

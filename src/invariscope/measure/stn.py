@@ -20,8 +20,10 @@ data's image size; its weights are not used), and measures on the test images:
   ``log2`` scale uniform in ``[-1, 2]`` for ``scaled-*``; the same ``t`` for every
   architecture and seed), the upright digit is rendered with it (with the sample's own
   clutter), the localisation net's transform ``P`` is read, and the final pose ``P @ t``
-  is decomposed (:mod:`invariscope.measure.pose`); its within-class SD, averaged over
-  classes, is the pose SD;
+  is decomposed (:mod:`invariscope.measure.pose`); its within-class spread, averaged
+  over classes, is the pose SD (for the angle the circular SD, so that a class
+  canonicalised upside down counts as canonicalised; the paper's folded-``arctan`` SD is
+  kept beside it as ``angle_sd_arctan_deg``);
 - predicted against applied rotation angle (figure 6) with an orthogonal-regression line;
 - example inputs and their warped versions (figure 5; for STN-CX the transform it
   applies to its feature map is drawn on the input, as the paper does).
@@ -711,6 +713,7 @@ class STNBenchmarkAnalysis(Analysis):
                         "pose_sd": float(g[metric].mean()),
                         "pose_sd_std": float(g[metric].std(ddof=1)) if len(g) > 1 else float("nan"),
                         "angle_sd_deg": float(g["angle_sd_deg"].mean()),
+                        "angle_sd_arctan_deg": float(g["angle_sd_arctan_deg"].mean()),
                         "distance_sd_px": float(g["distance_sd_px"].mean()),
                         "log2_det_sd": float(g["log2_det_sd"].mean()),
                         "seeds": int(len(g)),
@@ -777,7 +780,9 @@ class STNBenchmarkAnalysis(Analysis):
             result[f"error_pct_{row.arch}"] = round(float(row.error_mean_pct), 4)
         if "pose_table" in aggregates:
             for row in aggregates["pose_table"].itertuples(index=False):
-                result[f"pose_sd_{row.arch}"] = round(float(row.pose_sd), 4)
+                # NaN (no class with two test images) is stored as null
+                sd = float(row.pose_sd)
+                result[f"pose_sd_{row.arch}"] = round(sd, 4) if math.isfinite(sd) else None
         return result
 
 

@@ -34,7 +34,7 @@ from invariscope.plots.sweep import figures_dir, save_figures, stored_aggregates
 __all__ = ["render_stn_figures", "render_stn_run"]
 
 _UNITS = {
-    "angle_sd_deg": "SD of the final angle (degrees)",
+    "angle_sd_deg": "circular SD of the final angle (degrees)",
     "distance_sd_px": "standard distance deviation of the final position (px)",
     "log2_det_sd": "SD of the final log2 det (log2 of the area scale)",
 }
