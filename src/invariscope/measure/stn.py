@@ -702,6 +702,21 @@ class STNBenchmarkAnalysis(Analysis):
             per_seed = per_seed.sort_values(["order", "seed"]).reset_index(drop=True)
             out["pose_sd"] = per_seed.drop(columns="order")
             metric = REPORTED[self.kind]
+            # what a transformer that leaves its input alone scores: the pose SD of the
+            # applied perturbations themselves (the same for every architecture and seed)
+            first = pose[
+                (pose["arch"] == pose["arch"].iloc[0]) & (pose["seed"] == pose["seed"].iloc[0])
+            ]
+            applied = pd.DataFrame(
+                {
+                    "label": first["label"],
+                    "angle_deg": first["applied_angle_deg"],
+                    "tx_px": first["applied_tx_px"],
+                    "ty_px": first["applied_ty_px"],
+                    "log2_det": 2.0 * first["applied_log2_scale"],
+                }
+            )
+            unaligned = float(pose_sd(applied).iloc[0][metric])
             rows = []
             for name, g in per_seed.groupby("arch", sort=False):
                 rows.append(
@@ -716,6 +731,7 @@ class STNBenchmarkAnalysis(Analysis):
                         "angle_sd_arctan_deg": float(g["angle_sd_arctan_deg"].mean()),
                         "distance_sd_px": float(g["distance_sd_px"].mean()),
                         "log2_det_sd": float(g["log2_det_sd"].mean()),
+                        "unaligned_pose_sd": unaligned,
                         "seeds": int(len(g)),
                         "n": int((pose["arch"] == name).sum() // len(g)),
                     }

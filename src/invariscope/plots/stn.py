@@ -47,11 +47,27 @@ def _sd(value) -> float:
     )
 
 
-def _bars(table: pd.DataFrame, column: str, spread: str, ylabel: str, title: str) -> Figure:
+def _arch_colours(tables: Mapping[str, pd.DataFrame]) -> dict[str, str]:
+    """One colour per architecture, the same in every figure (in the error table's order)."""
+    t = _present(tables, "error_table")
+    archs = [] if t is None else list(dict.fromkeys(t["arch"]))
+    return {a: _OKABE_ITO[i % len(_OKABE_ITO)] for i, a in enumerate(archs)}
+
+
+def _bars(
+    table: pd.DataFrame,
+    column: str,
+    spread: str,
+    ylabel: str,
+    title: str,
+    palette: Mapping[str, str] | None = None,
+    reference: tuple[float, str] | None = None,
+) -> Figure:
     fig = Figure(figsize=(1.1 * len(table) + 2.5, 3.6))
     ax = fig.add_subplot()
     x = np.arange(len(table))
-    colours = [_OKABE_ITO[i % len(_OKABE_ITO)] for i in range(len(table))]
+    palette = palette or {}
+    colours = [palette.get(a, _OKABE_ITO[i % len(_OKABE_ITO)]) for i, a in enumerate(table["arch"])]
     errs = [_sd(v) for v in table[spread]]
     ax.bar(x, table[column], yerr=errs, capsize=4, color=colours, edgecolor="black", lw=0.5)
     for xi, v in zip(x, table[column], strict=True):  # inside the bar: clear of the error bar
@@ -69,6 +85,10 @@ def _bars(table: pd.DataFrame, column: str, spread: str, ylabel: str, title: str
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     top = max(float(v) + e for v, e in zip(table[column], errs, strict=True))
+    if reference is not None and math.isfinite(reference[0]):
+        ax.axhline(reference[0], color="black", ls="--", lw=1, label=reference[1])
+        ax.legend(loc="upper left", fontsize=8, frameon=True)
+        top = max(top, reference[0])
     ax.set_ylim(0, 1.15 * top if top > 0 else 1.0)  # room for the note above the bars
     seeds = int(table["seeds"].max()) if "seeds" in table else 1
     if seeds > 1:
@@ -95,6 +115,7 @@ def _errors(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
         "error_std_pct",
         "top-1 test error (%)",
         f"Classification error on {data} (table II)",
+        _arch_colours(tables),
     )
 
 
@@ -110,6 +131,12 @@ def _pose(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
         "pose_sd_std",
         _UNITS.get(measure, measure),
         f"Pose SD after the transformer on {data} (table I; lower = more canonical)",
+        _arch_colours(tables),
+        reference=(
+            (float(t["unaligned_pose_sd"].iloc[0]), "no alignment (the applied perturbations)")
+            if "unaligned_pose_sd" in t
+            else None
+        ),
     )
 
 
