@@ -183,11 +183,18 @@ def _report(result, out) -> None:
         )
     pose = agg.get("pose_table")
     if pose is not None and len(pose):
-        unit = {"angle_sd_deg": "deg", "distance_sd_px": "px", "log2_det_sd": "log2 det"}
+        unit = {
+            "angle_sd_deg": "deg, circular SD",
+            "distance_sd_px": "px",
+            "log2_det_sd": "log2 det",
+        }
         click.echo(
             f"table I: pose SD ({unit[pose['measure'].iloc[0]]}, mean over classes and seeds)"
         )
         for r in pose.itertuples(index=False):
             click.echo(f"  {r.label:<22} {_fmt(r.pose_sd, 3):>8}")
+        if "unaligned_pose_sd" in pose:
+            reference = _fmt(float(pose["unaligned_pose_sd"].iloc[0]), 3)
+            click.echo(f"  {'(no alignment)':<22} {reference:>8}")
     if out is not None:
         click.echo(f"tables and {len(result.figures) // 2} figures written to {out}")
