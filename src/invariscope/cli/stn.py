@@ -135,8 +135,7 @@ def stn_cmd(
     if paired:
         click.echo(
             f"--quick on {common['data_spec']}: --family {preset['family']} "
-            f"--loc-lr-scale {preset['loc_lr_scale']:g} (pass --family affine for the paper's head)",
-            err=True,
+            f"--loc-lr-scale {preset['loc_lr_scale']:g} (pass --family affine for the paper's head)"
         )
     if common["images"] is None:
         common["images"] = preset["images"]
