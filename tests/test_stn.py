@@ -389,3 +389,44 @@ def test_quick_preset_on_rotated_sets_and_explicit_options_win(
     config = json.loads((out / "config.json").read_text())["config"]
     assert (config["family"], config["loc_lr_scale"]) == (family, scale)
     assert config["steps"] == 1  # an explicit option wins over --quick
+
+
+def test_a_wide_localisation_output_layer_learns_at_a_fan_in_scaled_rate():
+    from invariscope.data import create_dataset
+    from invariscope.measure.stn import OUT_FAN_IN, STNBenchmarkAnalysis
+
+    analysis = STNBenchmarkAnalysis(
+        create_dataset("translated-digits", split="train"), ["C0"], lr=1e-3, loc_lr_scale=2
+    )
+    # the convolutional head of a 60 px input: fan-in 20 x 12 x 12 into the output layer
+    stn = build_stn(
+        create_model("simple-cnn", image_size=30), "C0", input_size=(1, 60, 60), output_size=30
+    )
+    assert stn.head.kind == "conv" and stn.head.out.in_features == 2880
+    rest, body, out = analysis._param_groups(stn)
+    assert rest["lr"] == pytest.approx(1e-3) and body["lr"] == pytest.approx(2e-3)
+    assert out["lr"] == pytest.approx(2e-3 * OUT_FAN_IN / 2880)
+    assert {id(p) for p in out["params"]} == {id(p) for p in stn.head.out.parameters()}
+    every = [id(p) for g in (rest, body, out) for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in stn.parameters())  # each exactly once
+    # one Adam step moves theta by about lr * fan_in * feature size: the scaled rate
+    # keeps it within the image where the unscaled one throws it off
+    x = torch.rand(8, 1, 60, 60)
+    y = torch.randint(0, 10, (8,))
+    moves = {}
+    for name in ("scaled", "unscaled"):
+        net = build_stn(
+            create_model("simple-cnn", image_size=30), "C0", input_size=(1, 60, 60), output_size=30
+        )
+        net.load_state_dict(stn.state_dict())
+        g = analysis._param_groups(net)
+        if name == "unscaled":
+            g = [g[0], {"params": g[1]["params"] + g[2]["params"], "lr": g[1]["lr"]}]
+        opt = torch.optim.Adam(g)
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        with torch.no_grad():
+            moves[name] = float((net.transform(x) - stn.transform(x)).abs().max())
+    assert moves["scaled"] < 0.2 < moves["unscaled"]

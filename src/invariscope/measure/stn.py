@@ -94,6 +94,10 @@ AGGREGATE_TABLES = (
 )
 #: Stream of the per-image pose perturbations (:func:`uniform_per_image`).
 POSE_STREAM = 7
+#: The fan-in at which the localisation head's output layer learns at the full
+#: localisation learning rate (the fully connected head's width; see ``_param_groups``).
+OUT_FAN_IN = 32
+
 #: The mean training loss of the last this many steps is reported as ``final_loss``.
 FINAL_STEPS = 10
 #: At most this many (applied, predicted) angle pairs per architecture and seed are
@@ -506,13 +510,36 @@ class STNBenchmarkAnalysis(Analysis):
 
     def _param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Adam groups: the localisation net's own parameters at ``lr * loc_lr_scale``
-        (SLX's shared blocks belong to the classifier), everything else at ``lr``."""
+        (SLX's shared blocks belong to the classifier), everything else at ``lr``.
+
+        The head's last linear layer (the one that outputs theta) learns at a further
+        ``min(1, OUT_FAN_IN / fan_in)``: under Adam every weight moves by about ``lr`` per
+        step whatever its gradient's size, so theta moves by about ``lr * fan_in`` times
+        the features' size. The fully connected head (fan-in 32) is unchanged; the
+        convolutional head of 60 / 112 px inputs (fan-in 2880 / 12500) would otherwise
+        throw theta off the image within a few steps (an all-black warp, chance error).
+        """
         loc_params = getattr(model, "loc_parameters", None)
         loc = loc_params() if loc_params is not None else []
         ids = {id(p) for p in loc}
         rest = [p for p in model.parameters() if id(p) not in ids]
         groups: list[dict[str, Any]] = [{"params": rest, "lr": self.lr}]
-        if loc:
+        if not loc:
+            return groups
+        out = getattr(getattr(model, "head", None), "out", None)
+        factor = min(1.0, OUT_FAN_IN / out.in_features) if isinstance(out, nn.Linear) else 1.0
+        if factor < 1.0:
+            out_ids = {id(p) for p in out.parameters()}
+            groups.append(
+                {
+                    "params": [p for p in loc if id(p) not in out_ids],
+                    "lr": self.lr * self.loc_lr_scale,
+                }
+            )
+            groups.append(
+                {"params": list(out.parameters()), "lr": self.lr * self.loc_lr_scale * factor}
+            )
+        else:
             groups.append({"params": loc, "lr": self.lr * self.loc_lr_scale})
         return groups
 
