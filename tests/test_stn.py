@@ -430,3 +430,19 @@ def test_a_wide_localisation_output_layer_learns_at_a_fan_in_scaled_rate():
         with torch.no_grad():
             moves[name] = float((net.transform(x) - stn.transform(x)).abs().max())
     assert moves["scaled"] < 0.2 < moves["unscaled"]
+
+
+def test_a_non_finite_loss_stops_training_before_any_update():
+    from invariscope.engine.execution import optimiser_step
+
+    layer = torch.nn.Linear(2, 1)
+    before = layer.weight.detach().clone()
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1)
+    loss = layer(torch.tensor([[float("inf"), 1.0]])).sum()
+    with pytest.raises(
+        InvariscopeError, match=r"^training the probe diverged \(loss -?inf\); lower (--)?lr$"
+    ):
+        optimiser_step(opt, loss, "the probe")
+    assert torch.equal(layer.weight, before)
+    value = optimiser_step(opt, (layer(torch.ones(1, 2)) ** 2).sum(), "the probe")
+    assert value > 0 and not torch.equal(layer.weight, before)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from invariscope.errors import InvariscopeError
+from invariscope.errors import InvariscopeError, hint
 
 log = logging.getLogger(__name__)
 
@@ -398,3 +398,19 @@ def deterministic_training() -> Iterator[None]:
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:4]
             if saved[4] is not None:
                 torch.backends.mkldnn.deterministic = saved[4]
+
+
+def optimiser_step(opt: torch.optim.Optimizer, loss: torch.Tensor, what: str) -> float:
+    """One training step on ``loss`` (zero the gradients, backward, step); returns its value.
+
+    A non-finite loss stops training with a one-line error naming ``what`` was trained
+    (``"training <what> diverged (loss nan); lower --lr"``), before anything is updated.
+    """
+    if not torch.isfinite(loss):
+        raise InvariscopeError(
+            f"training {what} diverged (loss {loss.item()}); lower {hint('lr', '--lr')}"
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())

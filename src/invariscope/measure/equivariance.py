@@ -66,7 +66,7 @@ from invariscope.engine import (
     register_analysis,
 )
 from invariscope.engine import run as run_analysis
-from invariscope.engine.execution import check_logits
+from invariscope.engine.execution import check_logits, optimiser_step
 from invariscope.errors import InvariscopeError, hint
 from invariscope.measure.aggregate import wilson_interval
 from invariscope.measure.equivariance_fit import (
@@ -523,15 +523,8 @@ class EquivarianceAnalysis(Analysis):
                         with torch.no_grad():
                             phi_x = capture_layer(model, layer, x)
                         loss = l2_loss(out, phi_x, relu=self.tl == "l2-relu")
-                    if not torch.isfinite(loss):
-                        raise InvariscopeError(
-                            f"training the transformation layer of {layer} for {t.label} diverged "
-                            f"(loss {loss.item()}); lower {hint('lr', '--lr')}"
-                        )
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    losses.append(float(loss.detach()))
+                    what = f"the transformation layer of {layer} for {t.label}"
+                    losses.append(optimiser_step(opt, loss, what))
         finally:
             restore()
         tl.eval()

@@ -67,7 +67,7 @@ from invariscope.engine import (
     register_analysis,
 )
 from invariscope.engine import run as run_analysis
-from invariscope.engine.execution import check_logits
+from invariscope.engine.execution import check_logits, optimiser_step
 from invariscope.errors import InvariscopeError, hint
 from invariscope.measure.aggregate import wilson_interval
 from invariscope.measure.stitch import _frozen, _optional, _seed
@@ -395,14 +395,7 @@ class ITNAnalysis(Analysis):
                 l_colour = control_loss(phi, k_colour, s_colour[i].to(ctx.device))
                 used = "classifier" if step == 0 else select_loss(accuracy, acc_orig)
                 loss = ce if used == "classifier" else l_spatial + self.c_theta * l_colour
-                if not torch.isfinite(loss):
-                    raise InvariscopeError(
-                        f"training the Invariant Transformer Net diverged at step {step} (loss "
-                        f"{float(loss)}); lower {hint('lr', '--lr')}"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                optimiser_step(opt, loss, f"the Invariant Transformer Net at step {step}")
                 l_k1, l_k2 = (
                     (l_spatial, l_colour)
                     if self.controls[0] == "spatial"

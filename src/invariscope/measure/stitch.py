@@ -63,7 +63,7 @@ from invariscope.engine import (
     register_analysis,
 )
 from invariscope.engine import run as run_analysis
-from invariscope.engine.execution import check_logits
+from invariscope.engine.execution import check_logits, optimiser_step
 from invariscope.errors import InvariscopeError, hint
 from invariscope.measure.aggregate import wilson_interval
 from invariscope.measure.cka import MIN_IMAGES, cka_table, hsic_table
@@ -523,15 +523,7 @@ class StitchAnalysis(Analysis):
                         phi = capture_layer(model_a, la, x)
                     logits = stitched_logits(model_b, lb, x, stitch_map(phi))
                     loss = F.cross_entropy(logits, y)
-                    if not torch.isfinite(loss):
-                        raise InvariscopeError(
-                            f"training the stitching layer {la} -> {lb} diverged (loss "
-                            f"{loss.item()}); lower {hint('lr', '--lr')}"
-                        )
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    losses.append(float(loss.detach()))
+                    losses.append(optimiser_step(opt, loss, f"the stitching layer {la} -> {lb}"))
             stitch_map.eval()
             n = correct = 0
             with torch.no_grad():

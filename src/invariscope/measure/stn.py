@@ -547,7 +547,7 @@ class STNBenchmarkAnalysis(Analysis):
         return groups
 
     def _train(self, ctx, a: int, s: int) -> PartOutput:
-        from invariscope.engine.execution import deterministic_training
+        from invariscope.engine.execution import deterministic_training, optimiser_step
 
         spec = self.specs[a]
         model = self._build(a, s, ctx.num_classes, ctx.seed).to(ctx.device)
@@ -559,15 +559,7 @@ class STNBenchmarkAnalysis(Analysis):
                 x, y = self._train_images(ctx, s, step, idx)
                 x, y = x.to(ctx.device), y.to(ctx.device)
                 loss = F.cross_entropy(model(x), y)
-                if not torch.isfinite(loss):
-                    raise InvariscopeError(
-                        f"training {spec.label} (seed {s}) diverged at step {step} (loss "
-                        f"{loss.item()}); lower {hint('lr', '--lr')}"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
+                losses.append(optimiser_step(opt, loss, f"{spec.label} (seed {s}) at step {step}"))
         model.eval()
         loc = model.loc_parameters() if spec.variant is not None else []
         table = pd.DataFrame(
