@@ -58,6 +58,18 @@ class DemoContext:
     test_accuracy: float
     notes: dict = field(default_factory=dict)
 
+    def run_options(self, name: str) -> dict:
+        """What every stage's analysis call shares: its run folder ``<out>/<name>`` (rewritten
+        on every demo), figures, the demo's device, and one process."""
+        return {
+            "out": self.out_dir / name,
+            "overwrite": True,
+            "figures": True,
+            "device": self.device,
+            "rank": 0,
+            "world_size": 1,
+        }
+
 
 def train_or_load(
     model_name: str,
@@ -215,11 +227,7 @@ def worst_case_stage(ctx: DemoContext) -> str:
         ctx.test_set,
         budget,
         images=min(30, len(ctx.test_set)),
-        out=ctx.out_dir / "worst_case",
-        overwrite=True,
-        figures=True,
-        rank=0,
-        world_size=1,
+        **ctx.run_options("worst_case"),
     )
     acc = res.summary[res.summary["label"] == -1].set_index("setting")["accuracy"]
     return f"{budget.describe()} on {int(res.per_image.shape[0])} images: " + ", ".join(
@@ -287,11 +295,7 @@ def shift_stage(ctx: DemoContext) -> str:
         steps=12,
         images=min(200, len(ctx.test_set)),
         labels={"model": "blurpool (fine-tuned)", "baseline": "max-pool (original)"},
-        out=ctx.out_dir / "shift",
-        overwrite=True,
-        figures=True,
-        rank=0,
-        world_size=1,
+        **ctx.run_options("shift"),
     )
     s = res.summary.set_index(["model", "protocol"])
     lines = [f"BlurPool version fine-tuned to test accuracy {aa_acc:.3f}"]
@@ -332,11 +336,7 @@ def stitch_stage(ctx: DemoContext) -> str:
         steps=100,
         images=min(100, len(ctx.test_set)),
         labels={"model": f"{arch} seed 0", "model_b": f"{arch} seed 1"},
-        out=ctx.out_dir / "stitch",
-        overwrite=True,
-        figures=True,
-        rank=0,
-        world_size=1,
+        **ctx.run_options("stitch"),
     )
     err = res.stitch_error
     diag = err[err["layer_a"] == err["layer_b"]].sort_values("order_a")
@@ -358,11 +358,7 @@ def lee_stage(ctx: DemoContext) -> str:
         ctx.test_set,
         ["translate_x", "rotation", "zoom", "brightness"],
         images=min(100, len(ctx.test_set)),
-        out=ctx.out_dir / "lee",
-        overwrite=True,
-        figures=True,
-        rank=0,
-        world_size=1,
+        **ctx.run_options("lee"),
     )
     s = res.summary
     return "LEE = E|d logits/dt|^2: " + ", ".join(
@@ -452,13 +448,8 @@ def itn_stage(ctx: DemoContext) -> str:
         grid=3,
         sweep_points=6,
         examples=4,
-        out=ctx.out_dir / "itn",
-        overwrite=True,
-        figures=True,
-        device=ctx.device,
         progress=False,
-        rank=0,
-        world_size=1,
+        **ctx.run_options("itn"),
     )
     s = res.summary
     return (
@@ -487,12 +478,7 @@ def stn_stage(ctx: DemoContext) -> str:
         images=100,
         batch_size=50,
         examples=4,
-        device=ctx.device,
-        out=ctx.out_dir / "stn",
-        overwrite=True,
-        figures=True,
-        rank=0,
-        world_size=1,
+        **ctx.run_options("stn"),
     )
     err = ", ".join(
         f"{r.label} {r.error_mean_pct:.1f}%" for r in res.error_table.itertuples(index=False)
@@ -519,11 +505,7 @@ def equivariance_stage(ctx: DemoContext) -> str:
         structured=1,
         train_images=min(300, len(ctx.train_set)),
         images=min(200, len(ctx.test_set)),
-        out=ctx.out_dir / "equivariance",
-        overwrite=True,
-        figures=True,
-        rank=0,
-        world_size=1,
+        **ctx.run_options("equivariance"),
     )
     s = res.invariance_summary
     return "top-1 error on g^-1 x, none -> M_g: " + ", ".join(
@@ -542,11 +524,7 @@ def alignment_stage(ctx: DemoContext) -> str:
         ctx.test_set,
         ["translate_x", "rotation", "zoom", "shear_x"],
         images=min(48, len(ctx.test_set)),
-        out=ctx.out_dir / "alignment",
-        overwrite=True,
-        figures=True,
-        rank=0,
-        world_size=1,
+        **ctx.run_options("alignment"),
     )
     t = res.table
     first = t["layer"].iloc[0]
