@@ -76,6 +76,7 @@ Example:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,10 +93,9 @@ from invariscope.engine import run as run_analysis
 from invariscope.errors import InvariscopeError
 from invariscope.measure.aggregate import mean_interval
 from invariscope.measure.lee import feature_map_layers
-from invariscope.models.antialias import BlurPool2d
-from invariscope.models.capture import resolve_layer
+from invariscope.models.capture import register_layer_hook, resolve_layer
 from invariscope.models.classifier import Classifier
-from invariscope.models.isotropic import IsotropicConv2d
+from invariscope.models.geometry import FeatureGrid, LayerGeometry, to_map, trace_geometry
 from invariscope.transforms import get_transform, warp_affine
 
 __all__ = [
@@ -133,121 +133,28 @@ _EPS = 1e-4  # tolerance (feature pixels) on the valid region's bounds
 # ------------------------------------------------------------------------ feature grids
 
 
-@dataclass(frozen=True)
-class FeatureGrid:
-    """Where a layer's feature positions sit on the (canvas) image, per axis ``(y, x)``.
-
-    Attributes:
-        stride: image pixels per feature pixel ``(s_y, s_x)``.
-        offset: image coordinates ``(o_y, o_x)`` of feature position ``(0, 0)`` (pixel
-            coordinates: origin at the centre of the top-left pixel); feature index ``j``
-            sits at ``o + s j``, the centre of its receptive field.
-        rf: receptive-field half-extent ``(r_y, r_x)`` in image pixels (taps reach
-            ``o + s j +- r``).
-        size: the map's ``(h, w)`` on an image of the size it was computed for.
-        interior: ``((y_lo, y_hi), (x_lo, x_hi))``: the feature indices computed without
-            any padding of the network (empty when ``lo > hi``).
-    """
-
-    stride: tuple[float, float]
-    offset: tuple[float, float]
-    rf: tuple[float, float]
-    size: tuple[int, int]
-    interior: tuple[tuple[int, int], tuple[int, int]]
-
-    def matrix(self) -> torch.Tensor:
-        """``G`` [3, 3] (float64): feature pixel coordinates ``(x, y, 1)`` -> image ones."""
-        (sy, sx), (oy, ox) = self.stride, self.offset
-        return torch.tensor([[sx, 0.0, ox], [0.0, sy, oy], [0.0, 0.0, 1.0]], dtype=torch.float64)
-
-    @property
-    def empty(self) -> bool:
-        return any(lo > hi for lo, hi in self.interior)
+_GEOMETRY_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-_POINTWISE_MODULES = (
-    "torch.nn.modules.activation",
-    "torch.nn.modules.batchnorm",
-    "torch.nn.modules.normalization",
-    "torch.nn.modules.instancenorm",
-    "torch.nn.modules.dropout",
-)
-_SHORTCUTS = ("shortcut", "downsample")
+def feature_geometries(
+    model: nn.Module, layers: Sequence[str], image_size: tuple[int, int]
+) -> dict[str, LayerGeometry | None]:
+    """Each layer's :class:`~invariscope.models.geometry.LayerGeometry` (grid and where
+    it lies in the output tensor) on ``image_size = (H, W)`` inputs, or None where no grid
+    can be placed. Traced once per model, image size and parameter set
+    (:func:`~invariscope.models.geometry.trace_geometry`) and cached."""
+    H, W = int(image_size[0]), int(image_size[1])
+    per_model = _GEOMETRY_CACHE.setdefault(model, {})
+    key = (H, W, _parameter_version(model))
+    trace = per_model.get(key)
+    if trace is None:
+        per_model.clear()
+        trace = per_model[key] = trace_geometry(model, (H, W))
+    return {name: trace.get(model, name) for name in layers}
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        return int(v[0]), int(v[-1])
-    return int(v), int(v)
-
-
-def _window(module: nn.Module) -> tuple | None:
-    """``(k, t, pad_lo, d, ceil_mode)`` per axis pair for a sliding-window module, else None."""
-    if isinstance(module, BlurPool2d):
-        f = module.filter_size
-        return (f, f), _pair(module.stride), ((f - 1) // 2, (f - 1) // 2), (1, 1), False
-    if isinstance(module, (nn.Conv2d, IsotropicConv2d, nn.MaxPool2d, nn.AvgPool2d)):
-        k = _pair(module.kernel_size)
-        stride = module.stride if module.stride not in (None, ()) else module.kernel_size
-        t = _pair(stride)
-        d = _pair(getattr(module, "dilation", 1))
-        pad = module.padding
-        if pad == "valid":
-            p = (0, 0)
-        elif pad == "same":
-            p = (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
-        else:
-            p = _pair(pad)
-        return k, t, p, d, bool(getattr(module, "ceil_mode", False))
-    return None
-
-
-def _step(g: FeatureGrid | None, module: nn.Module) -> FeatureGrid | None:
-    """The grid after the leaf ``module`` (None: it cannot be placed)."""
-    if g is None:
-        return None
-    w = _window(module)
-    if w is None:
-        kind = type(module).__module__
-        if isinstance(module, nn.Identity) or kind.startswith(_POINTWISE_MODULES):
-            return g
-        return None
-    k, t, p, d, ceil_mode = w
-    stride, offset, rf, size, interior = [], [], [], [], []
-    for a in range(2):  # y, x
-        span = d[a] * (k[a] - 1)
-        if isinstance(module, BlurPool2d):
-            n = (g.size[a] - 1) // t[a] + 1
-        else:
-            total = g.size[a] + 2 * p[a] - span - 1
-            n = (-(-total // t[a]) if ceil_mode else total // t[a]) + 1
-        stride.append(g.stride[a] * t[a])
-        offset.append(g.offset[a] + g.stride[a] * (span / 2.0 - p[a]))
-        rf.append(g.rf[a] + g.stride[a] * span / 2.0)
-        size.append(int(n))
-        lo_in, hi_in = g.interior[a]
-        lo = max(0, -(-(lo_in + p[a]) // t[a]))
-        hi = min(int(n) - 1, (hi_in + p[a] - span) // t[a])
-        interior.append((int(lo), int(hi)))
-    return FeatureGrid(tuple(stride), tuple(offset), tuple(rf), tuple(size), tuple(interior))
-
-
-def _walk(module: nn.Module, g: FeatureGrid | None, out: dict[int, FeatureGrid | None]):
-    """Visit ``module`` in (registration = execution) order, recording every module's grid."""
-    children = list(module.named_children())
-    if not children or isinstance(module, (IsotropicConv2d, BlurPool2d)):
-        g = _step(g, module)
-    else:
-        for name, child in children:
-            if not isinstance(module, (nn.Sequential, nn.ModuleList)) and name in _SHORTCUTS:
-                continue  # a residual shortcut: same grid as the main branch
-            g = _walk(child, g, out)
-    out[id(module)] = g
-    return g
-
-
-def _network(model: nn.Module) -> nn.Module:
-    return model.net if isinstance(model, Classifier) else model
+def _parameter_version(model: nn.Module) -> tuple:
+    return tuple((id(m), type(m)) for m in model.modules())
 
 
 def feature_grids(
@@ -255,21 +162,18 @@ def feature_grids(
 ) -> dict[str, FeatureGrid | None]:
     """The :class:`FeatureGrid` of each layer for ``image_size = (H, W)`` input images.
 
-    The network (a Classifier's ``net``, or the module itself) is walked in
-    registration order, which must be the execution order: ``nn.Sequential`` chains;
-    other containers are taken as their children in order, skipping children named
-    ``shortcut`` / ``downsample`` (a residual block's shortcut has the main branch's
-    grid). Convolutions (``nn.Conv2d``, :class:`IsotropicConv2d`), max / average pools
-    and :class:`BlurPool2d` move the grid; activations, normalisations, dropout and
-    ``nn.Identity`` do not. A layer after any other module (adaptive pooling, polyphase
-    sampling, flatten...) gets None. :meth:`AlignmentAnalysis.check` compares the
-    predicted sizes with the real ones.
+    Found for any network by :func:`~invariscope.models.geometry.trace_geometry`, which
+    follows the grid through every torch operation of one forward pass: convolutions
+    (plain, strided, dilated, depthwise), max / average / BlurPool pooling and padding
+    move it; activations, normalisations, residual additions, squeeze-excitation
+    products, channel-wise linear layers, permutes and token reshapes keep it (a ViT's
+    patch tokens are a grid). A layer after a global pool, a resampling or a polyphase
+    choice gets None. Layers that run several times are named per call
+    (``layer1.0.relu:1``). :meth:`AlignmentAnalysis.check` compares the predicted sizes
+    with the real ones.
     """
-    H, W = int(image_size[0]), int(image_size[1])
-    start = FeatureGrid((1.0, 1.0), (0.0, 0.0), (0.0, 0.0), (H, W), ((0, H - 1), (0, W - 1)))
-    grids: dict[int, FeatureGrid | None] = {}
-    _walk(_network(model), start, grids)
-    return {name: grids.get(id(resolve_layer(model, name))) for name in layers}
+    geos = feature_geometries(model, layers, image_size)
+    return {name: (g.grid if g is not None else None) for name, g in geos.items()}
 
 
 def feature_grid(model: nn.Module, layer: str, image_size: tuple[int, int]) -> FeatureGrid:
@@ -292,8 +196,7 @@ def feature_grid(model: nn.Module, layer: str, image_size: tuple[int, int]) -> F
 def _unplaceable(layer: str) -> str:
     return (
         f"layer '{layer}' has no feature grid that can be placed on the image (it follows a "
-        "module other than convolutions, pools and pointwise layers, e.g. adaptive pooling); "
-        "pick a convolutional layer"
+        "global pool, a resampling or a data-dependent subsampling); pick a layer before it"
     )
 
 
@@ -372,11 +275,19 @@ def _features(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dict[
         net, inp = model.net, (x - mean) / std
     else:
         net, inp = model, x
-    handles = [resolve_layer(model, n).register_forward_hook(hook(n)) for n in names]
+    handles = [register_layer_hook(model, n, hook(n)) for n in names]
     try:
         net(inp)
     except _Stop:
         pass
+    except (RuntimeError, ValueError, AssertionError) as err:
+        if isinstance(err, InvariscopeError):
+            raise
+        raise InvariscopeError(
+            f"the network does not run on a {x.shape[-2]}x{x.shape[-1]} canvas ("
+            f"{str(err).splitlines()[0][:120]}); a network that takes one input size only "
+            "(e.g. a ViT's position embedding) needs --margin 0"
+        ) from None
     finally:
         for h in handles:
             h.remove()
@@ -385,6 +296,13 @@ def _features(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dict[
         raise InvariscopeError(
             f"layer '{missing[0]}' did not run in the forward pass; pick a layer the network uses"
         )
+    odd = [n for n in names if not (isinstance(found[n], torch.Tensor) and found[n].dim() == 4)]
+    if odd:  # tokens [B, N, D] or another layout: read the grid where the trace found it
+        geos = feature_geometries(model, odd, tuple(x.shape[-2:]))
+        for n in odd:
+            g = geos[n]
+            if g is not None and isinstance(found[n], torch.Tensor):
+                found[n] = to_map(found[n], g.layout, g.grid.size)
     for n in names:
         if not (isinstance(found[n], torch.Tensor) and found[n].dim() == 4):
             raise InvariscopeError(
@@ -752,8 +670,9 @@ class AlignmentAnalysis(Analysis):
         model = ctx.models["model"]
         x, _ = ctx.datasets["data"][int(ctx.indices["data"][0])]
         x = torch.as_tensor(x)[None].to(ctx.device)
-        if self.layers is None:
-            candidates = feature_map_layers(model, x)
+        if self.layers is None:  # every probe-able layer the trace can place (tokens too)
+            names = getattr(model, "layer_names", None)
+            candidates = list(names) if names is not None else feature_map_layers(model, x)
         else:
             for layer in self.layers:
                 resolve_layer(model, layer)

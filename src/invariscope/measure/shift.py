@@ -49,7 +49,7 @@ from invariscope.engine.execution import check_logits
 from invariscope.engine.random import uniform_per_image
 from invariscope.errors import InvariscopeError
 from invariscope.measure.aggregate import mean_interval, wilson_interval
-from invariscope.models.capture import resolve_layer
+from invariscope.models.capture import register_layer_hook, resolve_layer
 from invariscope.models.classifier import default_layer_names
 from invariscope.transforms.shift import ShiftProtocol, parse_protocol
 
@@ -259,10 +259,9 @@ class _LayerSums:
 
     def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
         self.layers = list(layers)
-        modules = {n: resolve_layer(model, n) for n in self.layers}
         self.sums: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
         self.peaks: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
-        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.layers]
+        self.handles = [register_layer_hook(model, n, self._hook(n)) for n in self.layers]
 
     def _hook(self, name: str):
         def hook(module, inputs, output) -> None:
@@ -310,7 +309,7 @@ def activation_layers(model: nn.Module, sample: torch.Tensor) -> list[str]:
 
         return record
 
-    handles = [resolve_layer(model, n).register_forward_hook(hook(n)) for n in names]
+    handles = [register_layer_hook(model, n, hook(n)) for n in names]
     try:
         with torch.inference_mode():
             model(sample)

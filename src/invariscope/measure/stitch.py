@@ -67,7 +67,7 @@ from invariscope.engine.execution import check_logits, optimiser_step
 from invariscope.errors import InvariscopeError, hint
 from invariscope.measure.aggregate import wilson_interval
 from invariscope.measure.cka import MIN_IMAGES, cka_table, hsic_table
-from invariscope.models.capture import resolve_layer
+from invariscope.models.capture import register_layer_hook, resolve_layer
 from invariscope.models.classifier import default_layer_names
 
 __all__ = [
@@ -140,7 +140,7 @@ def capture_layer(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor
         found.append(output)
         raise _Captured
 
-    handle = resolve_layer(model, layer).register_forward_hook(hook)
+    handle = register_layer_hook(model, layer, hook)
     try:
         model(x)
     except _Captured:
@@ -163,7 +163,7 @@ def stitched_logits(
     def hook(module, inputs, output):
         return replacement
 
-    handle = resolve_layer(model_b, layer_b).register_forward_hook(hook)
+    handle = register_layer_hook(model_b, layer_b, hook)
     try:
         return model_b(x)
     finally:
@@ -198,7 +198,7 @@ def _layer_shapes(
 
         return record
 
-    handles = [resolve_layer(model, n).register_forward_hook(hook(n)) for n in layers]
+    handles = [register_layer_hook(model, n, hook(n)) for n in layers]
     try:
         with torch.no_grad():
             model(x)
@@ -214,7 +214,7 @@ class _Features:
     def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
         self.out: dict[str, torch.Tensor] = {}
         self.handles = [
-            resolve_layer(model, n).register_forward_hook(self._hook(n)) for n in layers
+            register_layer_hook(model, n, self._hook(n)) for n in layers
         ]
 
     def _hook(self, name: str):

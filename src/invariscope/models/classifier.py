@@ -43,14 +43,32 @@ __all__ = ["Classifier", "check_class_names", "default_layer_names"]
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
+def _is_stage(module: nn.Module) -> bool:
+    """A container of repeated blocks: a ``Sequential`` / ``ModuleList`` with at least two
+    elements of one class that have children of their own (a ResNet ``layer1``, a ViT's
+    ``encoder.layers``), as opposed to a small container of different layers."""
+    if not isinstance(module, (nn.Sequential, nn.ModuleList)):
+        return False
+    kinds: dict[type, int] = {}
+    for child in module.children():
+        if any(True for _ in child.children()):
+            kinds[type(child)] = kinds.get(type(child), 0) + 1
+    return any(n >= 2 for n in kinds.values())
+
+
 def default_layer_names(net: nn.Module, prefix: str = "") -> list[str]:
     """Probe-able layers of an arbitrary network, in registration order.
 
     A network may declare them with a ``layer_names`` attribute (names relative to the
     network). Otherwise its children are listed, containers (``Sequential``,
-    ``ModuleList``, ``ModuleDict``) expanded into their elements, so a torchvision
-    ResNet gives ``conv1, bn1, relu, maxpool, layer1.0, layer1.1, ..., avgpool, fc``.
-    TorchScript modules cannot take Python forward hooks, so they have none.
+    ``ModuleList``, ``ModuleDict``) expanded into their elements, and so is any other
+    child that holds a stage of repeated blocks (a ViT's ``encoder`` holding
+    ``encoder.layers``): a torchvision ResNet gives ``conv1, bn1, relu, maxpool,
+    layer1.0, layer1.1, ..., avgpool, fc`` (its block outputs), a torchvision ViT
+    ``conv_proj, encoder.dropout, encoder.layers.encoder_layer_0, ..., encoder.ln,
+    heads.head``. TorchScript modules cannot take Python forward hooks, so they have none.
+    A :class:`Classifier` built without explicit names keeps, of these, the ones that run
+    exactly once per forward pass and return a tensor (see ``Classifier.layer_names``).
     """
     if isinstance(net, torch.jit.ScriptModule):
         return []
@@ -59,11 +77,51 @@ def default_layer_names(net: nn.Module, prefix: str = "") -> list[str]:
         return [prefix + n for n in declared]
     names: list[str] = []
     for child_name, child in net.named_children():
-        if isinstance(child, _CONTAINERS):
+        expand = isinstance(child, _CONTAINERS) or any(
+            _is_stage(grandchild) for grandchild in child.children()
+        )
+        if expand and not isinstance(child, torch.jit.ScriptModule):
             names.extend(default_layer_names(child, prefix + child_name + "."))
         else:
             names.append(prefix + child_name)
     return names
+
+
+def _runs_once(model: nn.Module, names: Sequence[str], input_size: Sequence[int]) -> list[str]:
+    """Of ``names``, those whose module runs exactly once and returns a tensor in one
+    forward pass of two random images (eval mode, no gradient); all of them when that
+    forward fails (the caller's own checks then speak)."""
+    modules = dict(model.named_modules())
+    calls = {n: 0 for n in names}
+    tensor = {n: False for n in names}
+
+    def hook(name: str):
+        def record(module, inputs, output) -> None:
+            calls[name] += 1
+            tensor[name] = isinstance(output, torch.Tensor)
+
+        return record
+
+    try:
+        param = next(iter(model.parameters()), None)
+    except Exception:  # pragma: no cover - exotic modules
+        param = None
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.rand(2, *input_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names if n in modules]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    except Exception:
+        return list(names)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return [n for n in names if calls[n] == 1 and tensor[n]]
 
 
 def _per_channel(value: float | Sequence[float] | torch.Tensor, channels: int, what: str):
@@ -153,18 +211,12 @@ class Classifier(nn.Module):
         self.resize = bool(resize)
         self.arch = arch
         self.arch_kwargs = dict(arch_kwargs or {})
-        if layer_names is None:
-            names = default_layer_names(net, "net.")
-        else:
-            names = [str(n) for n in layer_names]
-            modules = dict(self.named_modules())
-            for n in names:
-                if not n or n not in modules:
-                    raise InvariscopeError(
-                        f"layer name '{n}' is not a submodule of the Classifier "
-                        "(names are relative to it, e.g. 'net.conv1')"
-                    )
-        self.layer_names = names
+        self._probed_layers: list[str] | None = None
+        self._declared_layers: list[str] | None = None
+        if layer_names is not None:
+            self.layer_names = layer_names
+        elif getattr(net, "layer_names", None) is not None:
+            self._declared_layers = default_layer_names(net, "net.")
 
     # ------------------------------------------------------------------ labels
     @property
@@ -268,6 +320,37 @@ class Classifier(nn.Module):
         return self.net(self.preprocess(x))
 
     # ------------------------------------------------------------------ layers
+    @property
+    def layer_names(self) -> list[str]:
+        """Ordered names of the layers a user can probe (relative to the Classifier).
+
+        Given explicitly (``layer_names=``) or declared by the network, they are used as
+        they are. Otherwise they are :func:`default_layer_names` of ``net`` (block
+        outputs for residual networks) minus the modules that do not run exactly once
+        per forward pass or return no tensor (a reused activation such as an
+        EfficientNet's single ``_swish``): found once, by one forward pass of two random
+        images in eval mode, and cached.
+        """
+        if self._declared_layers is not None:
+            return list(self._declared_layers)
+        if self._probed_layers is None:
+            candidates = default_layer_names(self.net, "net.")
+            self._probed_layers = _runs_once(self, candidates, self.input_size)
+        return list(self._probed_layers)
+
+    @layer_names.setter
+    def layer_names(self, layer_names: Sequence[str]) -> None:
+        names = [str(n) for n in layer_names]
+        modules = dict(self.named_modules())
+        for n in names:
+            base = n.rsplit(":", 1)[0] if n.rsplit(":", 1)[-1].isdigit() else n
+            if not base or base not in modules:
+                raise InvariscopeError(
+                    f"layer name '{n}' is not a submodule of the Classifier "
+                    "(names are relative to it, e.g. 'net.conv1')"
+                )
+        self._declared_layers = names
+
     def layer(self, name: str) -> nn.Module:
         """The submodule called ``name`` (``"net.conv1"`` or, short, ``"conv1"``).
 
