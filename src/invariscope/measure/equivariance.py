@@ -69,6 +69,7 @@ from invariscope.engine import run as run_analysis
 from invariscope.engine.execution import check_logits, optimiser_step
 from invariscope.errors import InvariscopeError, hint
 from invariscope.measure.aggregate import wilson_interval
+from invariscope.measure.alignment import feature_geometries
 from invariscope.measure.equivariance_fit import (
     METHODS,
     EquivTransform,
@@ -96,6 +97,7 @@ from invariscope.measure.equivariance_fit import (
 )
 from invariscope.measure.stitch import _frozen, _seed, capture_layer, stitched_logits
 from invariscope.models.capture import ActivationCapture, resolve_layer
+from invariscope.models.geometry import Layout, from_map, to_map
 from invariscope.models.hog import HOG
 
 __all__ = ["EquivarianceAnalysis", "EquivarianceResult", "equivariance"]
@@ -255,6 +257,7 @@ class EquivarianceAnalysis(Analysis):
         self.lr = _positive("lr", lr)
         self.train_batch = _int("train-batch", train_batch, 1)
         self.geometry: dict[str, FeatureGeometry] = {}
+        self.layouts: dict[str, Layout] = {}  # token / channels-last layers: their grid
         self.index: dict[tuple[int, int], np.ndarray | None] = {}
         self.back: dict[tuple[int, int], np.ndarray] = {}
         self.image_hw: tuple[int, int] = (0, 0)
@@ -347,13 +350,19 @@ class EquivarianceAnalysis(Analysis):
         with torch.no_grad(), ActivationCapture(model, names) as cap:
             model(x)
         shapes = {}
+        self.layouts = {}
+        odd = [
+            n
+            for n in names
+            if isinstance(cap.activations.get(n), torch.Tensor) and cap.activations[n].ndim != 4
+        ]
+        geos = feature_geometries(model, odd, tuple(x.shape[-2:])) if odd else {}
         for name in names:
             out = cap.activations.get(name)
-            if cap.calls[name] > 1:
-                raise InvariscopeError(
-                    f"layer '{name}' runs {cap.calls[name]} times in one forward pass; probe a "
-                    "layer that runs once"
-                )
+            geo = geos.get(name)
+            if geo is not None:  # tokens [B, N, D] (a ViT) or channels-last: a grid all the same
+                self.layouts[name] = geo.layout
+                out = to_map(out, geo.layout, geo.grid.size)
             ok = isinstance(out, torch.Tensor) and out.ndim == 4
             if ok:
                 shapes[name] = tuple(int(s) for s in out.shape[1:])
@@ -431,7 +440,30 @@ class EquivarianceAnalysis(Analysis):
         model = ctx.models["model"]
         with ActivationCapture(model, self.layers) as cap:
             model(images)
-        return {n: cap.activations[n].detach().float() for n in self.layers}
+        out = {}
+        for n in self.layers:
+            act = cap.activations[n].detach().float()
+            layout = self.layouts.get(n)
+            out[n] = (
+                act
+                if layout is None
+                else to_map(act, layout, (self.geometry[n].height, self.geometry[n].width))
+            )
+        return out
+
+    def _as_map(self, name: str, act: torch.Tensor) -> torch.Tensor:
+        layout = self.layouts.get(name)
+        if layout is None:
+            return act
+        return to_map(act, layout, (self.geometry[name].height, self.geometry[name].width))
+
+    def _replacement(self, name: str, pred: torch.Tensor) -> Any:
+        """What replaces layer ``name``'s output in a stitched forward: the map itself, or
+        for a token layer a function putting the map back among the layer's own tokens."""
+        layout = self.layouts.get(name)
+        if layout is None:
+            return pred
+        return lambda output: from_map(pred, layout, output)
 
     def _forward_map(self, li: int, ti: int) -> np.ndarray:
         """P_g's forward map in cell coordinates (the inverse of the back-projection)."""
@@ -515,13 +547,14 @@ class EquivarianceAnalysis(Analysis):
                     x, y = x.to(ctx.device), y.to(ctx.device)
                     z = t.apply_inverse(x)
                     with torch.no_grad():
-                        phi_z = capture_layer(model, layer, z)
+                        phi_z = self._as_map(layer, capture_layer(model, layer, z))
                     out = tl(phi_z)
                     if self.tl == "task":
-                        loss = F.cross_entropy(stitched_logits(model, layer, z, out), y)
+                        logits = stitched_logits(model, layer, z, self._replacement(layer, out))
+                        loss = F.cross_entropy(logits, y)
                     else:
                         with torch.no_grad():
-                            phi_x = capture_layer(model, layer, x)
+                            phi_x = self._as_map(layer, capture_layer(model, layer, x))
                         loss = l2_loss(out, phi_x, relu=self.tl == "l2-relu")
                     what = f"the transformation layer of {layer} for {t.label}"
                     losses.append(optimiser_step(opt, loss, what))
@@ -596,7 +629,9 @@ class EquivarianceAnalysis(Analysis):
                     if kind == "none":
                         c = none_correct
                     else:
-                        logits = stitched_logits(model, name, z, pred.float())
+                        logits = stitched_logits(
+                            model, name, z, self._replacement(name, pred.float())
+                        )
                         c = int((logits.argmax(1) == y).sum())
                     task.append((name, li, t.label, ti, kind, n, c))
         tables["recon"] = pd.DataFrame(

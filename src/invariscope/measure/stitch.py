@@ -155,13 +155,14 @@ def capture_layer(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor
 
 
 def stitched_logits(
-    model_b: nn.Module, layer_b: str, x: torch.Tensor, replacement: torch.Tensor
+    model_b: nn.Module, layer_b: str, x: torch.Tensor, replacement: Any
 ) -> torch.Tensor:
     """B's logits on ``x`` with the output of ``layer_b`` replaced by ``replacement``
-    (``psi_B,j`` applied to it): a forward hook that returns the replacement."""
+    (``psi_B,j`` applied to it): a forward hook that returns the replacement. A callable
+    ``replacement`` is given the layer's own output and returns the new one."""
 
     def hook(module, inputs, output):
-        return replacement
+        return replacement(output) if callable(replacement) else replacement
 
     handle = register_layer_hook(model_b, layer_b, hook)
     try:
@@ -213,9 +214,7 @@ class _Features:
 
     def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
         self.out: dict[str, torch.Tensor] = {}
-        self.handles = [
-            register_layer_hook(model, n, self._hook(n)) for n in layers
-        ]
+        self.handles = [register_layer_hook(model, n, self._hook(n)) for n in layers]
 
     def _hook(self, name: str):
         def record(module, inputs, output) -> None:

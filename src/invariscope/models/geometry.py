@@ -49,7 +49,15 @@ from torch.overrides import TorchFunctionMode
 from invariscope.models.capture import resolve_layer
 from invariscope.models.classifier import Classifier
 
-__all__ = ["FeatureGrid", "Layout", "LayerGeometry", "GeometryTrace", "trace_geometry", "to_map"]
+__all__ = [
+    "FeatureGrid",
+    "GeometryTrace",
+    "LayerGeometry",
+    "Layout",
+    "from_map",
+    "to_map",
+    "trace_geometry",
+]
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,31 @@ def to_map(x: torch.Tensor, layout: Layout, size: tuple[int, int]) -> torch.Tens
     rest = [d for d in range(1, x.dim()) if d != t]
     out = tokens.permute(0, *rest, t)
     return out.reshape(x.shape[0], -1, h, w)
+
+
+def from_map(fmap: torch.Tensor, layout: Layout, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`to_map`: ``fmap`` ``[B, C, h, w]`` put back into the layout of
+    ``like`` (the layer's own output); tokens outside the grid (a class token) are taken
+    from ``like``. Differentiable in ``fmap``."""
+    h, w = int(fmap.shape[-2]), int(fmap.shape[-1])
+    B = int(like.shape[0])
+    if layout.kind == "map":
+        y, x_dim = layout.dims
+        rest = [d for d in range(1, like.dim()) if d not in (y, x_dim)]
+        order = [0, *rest, y, x_dim]
+        shaped = fmap.reshape(B, *[like.shape[d] for d in rest], h, w)
+        return shaped.permute(*[order.index(d) for d in range(like.dim())])
+    (t,) = layout.dims
+    rest = [d for d in range(1, like.dim()) if d != t]
+    order = [0, *rest, t]
+    tokens = fmap.reshape(B, *[like.shape[d] for d in rest], h * w)
+    tokens = tokens.permute(*[order.index(d) for d in range(like.dim())]).to(like.dtype)
+    n = int(like.shape[t])
+    pieces = [like.narrow(t, 0, layout.start), tokens]
+    end = layout.start + h * w
+    if end < n:
+        pieces.append(like.narrow(t, end, n - end))
+    return torch.cat(pieces, dim=t)
 
 
 # --------------------------------------------------------------------------- the rules
@@ -214,8 +247,10 @@ class _Tracer(TorchFunctionMode):
             if name in ("__set__", "__get__"):
                 return
             self.set(out, self._rule(name, args, kwargs, out))
-        elif isinstance(out, (tuple, list)) and out and all(
-            isinstance(o, torch.Tensor) or o is None for o in out
+        elif (
+            isinstance(out, (tuple, list))
+            and out
+            and all(isinstance(o, torch.Tensor) or o is None for o in out)
         ):
             if name in ("chunk", "split", "unbind", "split_with_sizes", "tensor_split"):
                 for o in out:
@@ -265,9 +300,10 @@ class _Tracer(TorchFunctionMode):
                 continue
             if _spatial_sizes(a, g.layout) != _spatial_sizes(out, g.layout):
                 continue
-            if g.layout.kind == "tokens" and a.shape[g.layout.dims[0]] != out.shape[
-                g.layout.dims[0]
-            ]:
+            if (
+                g.layout.kind == "tokens"
+                and a.shape[g.layout.dims[0]] != out.shape[g.layout.dims[0]]
+            ):
                 continue
             if found is None:
                 found = g
@@ -319,7 +355,9 @@ class _Tracer(TorchFunctionMode):
         if h % oh or w % ow:
             return None
         k = (h // oh, w // ow)
-        return LayerGeometry(_window_grid(gx.grid, k, k, (0, 0), (1, 1), False, (oh, ow)), gx.layout)
+        return LayerGeometry(
+            _window_grid(gx.grid, k, k, (0, 0), (1, 1), False, (oh, ow)), gx.layout
+        )
 
     def _pad(self, args, kwargs, gx, x, out) -> LayerGeometry | None:
         if gx is None or not gx.layout.is_standard_map or out.dim() != 4:
@@ -544,8 +582,10 @@ class GeometryTrace:
             return None
         if call is None:
             return self.layers.get(path) if n == 1 else None
-        return self.layers.get(f"{path}:{call}") if n > 1 else (
-            self.layers.get(path) if call == 0 else None
+        return (
+            self.layers.get(f"{path}:{call}")
+            if n > 1
+            else (self.layers.get(path) if call == 0 else None)
         )
 
 
