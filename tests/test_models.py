@@ -21,6 +21,7 @@ from invariscope.models import (
     register_model,
 )
 from invariscope.models import registry as registry_module
+from invariscope.models.zoo import SMALL_CONFIGS
 
 
 @pytest.fixture
@@ -37,6 +38,17 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 
 # --------------------------------------------------------------------- registry-wide
+def _small(name: str, size: int | None = None) -> dict:
+    """The zoo's small configuration of ``name`` (same module tree, fewer channels and
+    blocks: the full-size ImageNet networks would cost minutes here), else nothing."""
+    kwargs = dict(SMALL_CONFIGS.get(name, {}))
+    if size is not None:
+        kwargs["image_size"] = size
+    elif name in SMALL_CONFIGS:
+        kwargs["image_size"] = 32
+    return kwargs
+
+
 CASES = [
     pytest.param(name, size, id=f"{name}-{size}")
     for name in list_models()
@@ -46,8 +58,7 @@ CASES = [
 
 @pytest.mark.parametrize(("name", "size"), CASES)
 def test_every_registered_model_forward_shape_and_gradients(name, size):
-    kwargs = {} if size is None else {"image_size": size}
-    model = create_model(name, **kwargs)
+    model = create_model(name, **_small(name, size))
     assert model.arch == name
     assert set(model_info(name).defaults) == set(model.arch_kwargs)
     c, h, w = model.input_size
@@ -68,7 +79,7 @@ def test_every_registered_model_forward_shape_and_gradients(name, size):
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_registered_model_layers_capture_in_one_pass(name):
-    model = create_model(name).eval()
+    model = create_model(name, **_small(name)).eval()
     assert model.layer_names, f"{name} declares no probe-able layers"
     assert len(set(model.layer_names)) == len(model.layer_names)
     x = torch.rand(3, *model.input_size, generator=_gen())

@@ -27,6 +27,7 @@ from invariscope.models import (
     save_checkpoint,
 )
 from invariscope.models import checkpoint as checkpoint_module
+from invariscope.models.zoo import SMALL_CONFIGS
 
 # TorchScript is deprecated in recent torch, but users still bring such files.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
@@ -52,7 +53,8 @@ def _trained_like(model: Classifier) -> Classifier:
 # ------------------------------------------------------------------------ checkpoints
 @pytest.mark.parametrize("name", list_models())
 def test_checkpoint_rebuilds_every_registered_model_bit_for_bit(tmp_path, name):
-    model = _trained_like(create_model(name))
+    small = {"image_size": 32, **SMALL_CONFIGS[name]} if name in SMALL_CONFIGS else {}
+    model = _trained_like(create_model(name, **small))
     model.set_preprocessing(mean=0.25, std=0.75, resize=True)
     model.class_names = [f"class-{i}" for i in range(model.num_classes)]
     path = save_checkpoint(

@@ -72,7 +72,7 @@ from invariscope.measure.pose import (
     pose_components,
     pose_sd,
 )
-from invariscope.models.stn import FAMILIES, ArchSpec, build_stn, conv_blocks, parse_arch
+from invariscope.models.stn import FAMILIES, ArchSpec, as_chain, build_stn, conv_blocks, parse_arch
 
 __all__ = [
     "STNBenchmarkAnalysis",
@@ -355,7 +355,9 @@ class STNBenchmarkAnalysis(Analysis):
                 f"(arch {arch!r})"
             )
         channels = int(base.input_size[0])
-        if channels != c:
+        from invariscope.models import model_info as _info
+
+        if channels != c and "in_channels" not in _info(arch).defaults:
             raise InvariscopeError(
                 f"the model takes {channels} channel(s) but the data has {c} (instead of "
                 f"{channels}); use a {c}-channel architecture"
@@ -378,7 +380,11 @@ class STNBenchmarkAnalysis(Analysis):
         }
         self.input_size = (int(c), int(h), int(w))
         # every architecture must be buildable (X within the blocks, sizes that fit)
-        blocks = len(conv_blocks(self._classifier(h, ctx.num_classes, 0).net))
+        probe_net = self._classifier(h, ctx.num_classes, 0).net
+        if any(s.name not in ("cnn", "C0") for s in self.specs):
+            blocks = len(conv_blocks(probe_net))  # one line if the net is not a chain
+        else:
+            blocks = len(conv_blocks(probe_net)) if isinstance(probe_net, nn.Sequential) else 0
         self.specs = [parse_arch(s.name, blocks) for s in self.specs]
         for a, spec in enumerate(self.specs):
             try:
@@ -413,8 +419,12 @@ class STNBenchmarkAnalysis(Analysis):
                 image_size=size,
                 num_classes=num_classes,
             )
-        model.set_preprocessing(mean=spec["mean"], std=spec["std"])
-        return model
+        mean, std = spec["mean"], spec["std"]
+        if len(mean) != self.input_size[0]:  # e.g. an RGB architecture rebuilt for digits
+            mean = [sum(mean) / len(mean)] * self.input_size[0]
+            std = [sum(std) / len(std)] * self.input_size[0]
+        model.set_preprocessing(mean=mean, std=std)
+        return as_chain(model)
 
     def _output_size(self, spec: ArchSpec) -> int:
         h = self.input_size[1]

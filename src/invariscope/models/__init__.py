@@ -15,7 +15,10 @@
   :class:`BlurPool2d` and :class:`PolyphaseDown`.
 """
 
-from invariscope.models import nets  # noqa: F401  (registers the built-in architectures)
+from invariscope.models import (
+    nets,  # noqa: F401  (registers the built-in architectures)
+    zoo,  # noqa: F401  (registers the zoo)
+)
 from invariscope.models.adapters import IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD
 from invariscope.models.antialias import ANTIALIAS_METHODS, BlurPool2d, PolyphaseDown, antialias
 from invariscope.models.capture import ActivationCapture, capture_activations

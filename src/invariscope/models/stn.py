@@ -180,6 +180,78 @@ def _has_conv(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
 
+def sequential_view(net: nn.Module, input_size: Sequence[int]) -> nn.Sequential | None:
+    """``net`` as an ``nn.Sequential`` of its own modules, or None.
+
+    A torchvision-style CNN whose forward runs its children in order (a ResNet's stem,
+    ``layer1..4``, ``avgpool``, ``fc``; a ``features`` / ``avgpool`` / ``classifier``
+    network: MobileNet, EfficientNet, VGG, ConvNeXt) is the chain of those children, the
+    convolutional containers expanded into their stages and a ``Flatten`` before the
+    head where its forward flattens. The chain shares the modules (no copy) and is
+    accepted only when it gives the network's own logits on a random ``input_size``
+    batch (eval mode), so an STN can be placed between its stages; networks whose forward
+    does something else (a ViT's tokens) give None.
+    """
+    if isinstance(net, nn.Sequential):
+        return net
+    stages: list[nn.Module] = []
+    for child in net.children():
+        if isinstance(child, nn.Sequential) and _has_conv(child):
+            stages.extend(child.children())
+        else:
+            stages.append(child)
+    head = next(
+        (
+            i
+            for i, m in enumerate(stages)
+            if not _has_conv(m) and any(isinstance(k, nn.Linear) for k in m.modules())
+        ),
+        None,
+    )
+    candidates = [nn.Sequential(*stages)]
+    if head is not None and not any(isinstance(m, nn.Flatten) for m in stages[:head]):
+        candidates.insert(0, nn.Sequential(*stages[:head], nn.Flatten(1), *stages[head:]))
+    x = torch.rand(2, *input_size, generator=torch.Generator().manual_seed(0))
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            try:
+                reference = net(x)
+            except Exception:
+                return None
+            for chain in candidates:
+                try:
+                    out = chain(x)
+                except Exception:
+                    continue
+                if out.shape == reference.shape and torch.allclose(
+                    out, reference, rtol=1e-5, atol=1e-6
+                ):
+                    return chain
+    finally:
+        net.train(was_training)
+    return None
+
+
+def as_chain(classifier: nn.Module) -> nn.Module:
+    """``classifier`` with its ``net`` replaced by :func:`sequential_view` of it when the
+    network is a verified chain of stages (in place; the modules are shared, so the
+    weights are the same); unchanged otherwise. Its probe layers are renamed to the
+    chain's (``net.4`` for a ResNet's ``layer1``)."""
+    net = getattr(classifier, "net", None)
+    if net is None or isinstance(net, nn.Sequential):
+        return classifier
+    view = sequential_view(net, classifier.input_size)
+    if view is None:
+        return classifier
+    from invariscope.models.classifier import default_layer_names
+
+    classifier.net = view
+    classifier.layer_names = default_layer_names(view, "net.")
+    return classifier
+
+
 def conv_blocks(net: nn.Module) -> list[int]:
     """Child positions where the conv blocks of ``net`` END (exclusive), in order.
 
@@ -189,8 +261,9 @@ def conv_blocks(net: nn.Module) -> list[int]:
     """
     if not isinstance(net, nn.Sequential):
         raise InvariscopeError(
-            f"an STN needs a network that is an nn.Sequential of stages (the built-ins), got "
-            f"{type(net).__name__}"
+            f"an STN needs a network that runs a chain of stages (an nn.Sequential, or a "
+            f"CNN whose forward runs its children in order), got {type(net).__name__}; "
+            "C0 (a transformer on the input) works on any network"
         )
     children = list(net.children())
     ends: list[int] = []
