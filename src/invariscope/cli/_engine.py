@@ -3,9 +3,14 @@
 ``@engine_options`` adds ``--model``, ``--weights``, ``--data``, ``--split``, ``--images``,
 ``--classes``, ``--batch-size``, ``--seed``, ``--device``, ``--workers``, ``--out``,
 ``--overwrite``, ``--timeout``, ``--no-figures``, ``--no-progress``, ``--forward-batch``,
-``--memory-format`` and ``--amp`` to a command; :func:`run_analysis_command` loads the
-model and data, joins the ``torchrun`` process group when there is one, and runs the
-analysis on the engine.
+``--memory-format``, ``--amp``, ``--max-work``, ``--input-size``, ``--resize`` and
+``--labels`` to a command; :func:`run_analysis_command` loads the model and data, joins
+the ``torchrun`` process group when there is one, and runs the analysis on the engine.
+
+Image folders (``--data folder:DIR`` or a directory) are read at the model's input size
+(shorter side resized to it, centre crop) when the model takes square images, so that
+photographs of any size form batches; with ``--labels model`` a folder may hold its
+images directly, without class sub-folders.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ COMMON = (
     "max_work",
     "input_size",
     "resize",
+    "labels",
 )
 
 
@@ -177,6 +183,15 @@ _OPTIONS = [
         is_flag=True,
         help="Resize images to the model's input size inside the model wrapper.",
     ),
+    click.option(
+        "--labels",
+        default="dataset",
+        show_default=True,
+        type=click.Choice(["dataset", "model"]),
+        help="Reference label of each image: the dataset's (ImageNet-style folders named "
+        "by wnid or class name map onto an ImageNet model's outputs), or the model's own "
+        "top-1 class on the untransformed image (for unlabeled images).",
+    ),
 ]
 
 
@@ -212,6 +227,22 @@ def split_list(text: str | None) -> list[str]:
 def pop_common(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Remove the common options from a command's ``kwargs`` and return them."""
     return {name: kwargs.pop(name) for name in COMMON}
+
+
+def _data_options(data_spec: str, common: dict[str, Any], models: dict) -> dict[str, Any]:
+    """Options for reading an image folder: the model's square input size, and
+    ``unlabeled`` with ``--labels model``; none for other datasets."""
+    from invariscope.data.registry import is_folder_spec
+
+    if not is_folder_spec(data_spec):
+        return {}
+    options: dict[str, Any] = {}
+    if common.get("labels") == "model":
+        options["unlabeled"] = True
+    size = getattr(models.get("model"), "input_size", None)
+    if isinstance(size, tuple) and len(size) == 3 and size[1] == size[2]:
+        options["image_size"] = int(size[1])
+    return options
 
 
 def run_analysis_command(
@@ -260,7 +291,11 @@ def run_analysis_command(
         models[role] = load_model(
             spec, None, input_size=common["input_size"], resize=True if common["resize"] else None
         )
-    datasets = {"data": create_dataset(data_spec, split=split)} if analysis.datasets else {}
+    datasets = (
+        {"data": create_dataset(data_spec, split=split, **_data_options(data_spec, common, models))}
+        if analysis.datasets
+        else {}
+    )
     started = init_distributed(dev, timeout=common["timeout"])
     try:
         result = run(
@@ -292,6 +327,7 @@ def run_analysis_command(
                 **(options or {}),
             },
             options=options,
+            labels=common.get("labels", "dataset"),
         )
         if started:  # leave together: no rank tears the group down while rank 0 still works
             import torch.distributed as dist

@@ -13,7 +13,12 @@ Nothing is downloaded: each reader takes a directory the user already has.
 - ``folder:<dir>``: ``<dir>/<class>/*.png|jpg|jpeg`` (the ImageNet val layout),
   classes in sorted order, images read lazily with PIL. If ``<dir>`` has ``train``,
   ``test`` or ``val`` sub-folders, the split's folder is used (``val`` for ``test`` when
-  there is no ``test``); otherwise the folder itself serves both splits.
+  there is no ``test``); otherwise the folder itself serves both splits. Class folders
+  named by ImageNet WordNet id (``n01440764``) or class name are mapped onto an ImageNet
+  model's outputs by the engine (:mod:`invariscope.data.imagenet`). With
+  ``unlabeled=True`` a folder without class sub-folders is read too: its images have no
+  label (``labelled`` is False, ``classes`` empty, labels -1), for runs that take each
+  image's label from the model (``labels="model"``).
 
 Every reader raises :class:`~invariscope.errors.InvariscopeError` with a one-line
 message naming the file that is missing, truncated or unreadable.
@@ -40,7 +45,7 @@ from invariscope.data.base import (
     digest,
     subset_indices,
 )
-from invariscope.errors import InvariscopeError
+from invariscope.errors import InvariscopeError, hint
 
 # ----------------------------------------------------------------------------- IDX
 
@@ -304,11 +309,13 @@ class ImageFolderDataset(ImageDataset):
         mode: ``"RGB"``, ``"L"`` or ``None``: every image is converted to this mode;
             ``None`` looks at up to 16 files spread over the list and picks ``"L"`` if all
             are single-channel, else ``"RGB"``.
+        unlabeled: accept a folder with images directly in it and no class sub-folders
+            (see the module docstring); a folder with class sub-folders is read as usual.
 
-    Attributes: ``files`` (paths), ``labels`` (int64 ``[N]`` tensor), ``classes``,
-    ``mode``. No ``images`` tensor: images are decoded on access. The fingerprint hashes
-    name, split, seed, size, mode, image_size and every file's relative path, size and
-    modification time.
+    Attributes: ``files`` (paths), ``labels`` (int64 ``[N]`` tensor; -1 when
+    unlabeled), ``classes``, ``labelled``, ``mode``. No ``images`` tensor: images are
+    decoded on access. The fingerprint hashes name, split, seed, size, mode, image_size
+    and every file's relative path, size and modification time.
     """
 
     def __init__(
@@ -321,6 +328,7 @@ class ImageFolderDataset(ImageDataset):
         image_size: int | None = None,
         mode: str | None = None,
         name: str | None = None,
+        unlabeled: bool = False,
     ) -> None:
         check_split(split)
         self.seed, self.split = check_seed(seed), split
@@ -336,10 +344,26 @@ class ImageFolderDataset(ImageDataset):
                 if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file():
                     files.append(f)
                     labels.append(label)
+        self.labelled = True
         if not files:
-            raise InvariscopeError(
-                f"no images found in '{self.root}'; expected {self.root}/<class>/*.png|jpg|jpeg"
+            loose = sorted(
+                f
+                for f in self.root.iterdir()
+                if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
             )
+            if not loose:
+                raise InvariscopeError(
+                    f"no images found in '{self.root}'; expected {self.root}/<class>/*.png|jpg|jpeg"
+                )
+            if not unlabeled:
+                raise InvariscopeError(
+                    f"no class folders in '{self.root}': its {len(loose)} images lie directly "
+                    f"in it, so they have no labels; sort them into {self.root}/<class>/ "
+                    "folders, or label each by the model's top-1 with "
+                    + hint("unlabeled=True and labels='model'", "--labels model")
+                )
+            self.classes, self.labelled = [], False
+            files, labels = loose, [-1] * len(loose)
         idx = subset_indices(len(files), check_size(size), self.seed, "folder", split)
         self.files = [files[i] for i in idx]
         self.labels = torch.as_tensor([labels[i] for i in idx], dtype=torch.int64)

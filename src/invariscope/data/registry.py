@@ -3,11 +3,13 @@
 Names:
 
 - generated: ``digits``, ``glyphs``, ``shapes`` (keyword ``image_size=32|64``);
+- real photographs shipped with installed packages, with ImageNet-1k labels: ``photos``
+  (keyword ``image_size``, default 224; see :mod:`invariscope.data.photos`);
 - perturbed (Finnveden et al.): ``rotated-<base>``, ``translated-<base>``,
   ``scaled-<base>`` with base ``digits``, ``glyphs`` or ``mnist:<dir>`` (keyword
   ``clutter=False`` leaves the clutter out);
 - files: ``mnist:<dir>``, ``cifar10:<dir>``, ``folder:<dir>`` (keywords ``image_size``,
-  ``mode``), and a bare existing directory path, read as ``folder:<dir>``.
+  ``mode``, ``unlabeled``), and a bare existing directory path, read as ``folder:<dir>``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from invariscope.data.base import DatasetInfo, ImageDataset, check_seed, check_s
 from invariscope.errors import InvariscopeError, unknown_name
 
 GENERATED = ("digits", "glyphs", "shapes")
+PHOTOS = "photos"
 PERTURBED_BASES = ("digits", "glyphs", "mnist:<dir>")
 FILE_FORMATS = ("mnist", "cifar10", "folder")
 
@@ -41,6 +44,12 @@ def _load_shapes(split: str, size: int | None, seed: int, **kw: Any) -> ImageDat
     from invariscope.data.shapes import load_shapes
 
     return load_shapes(split, size=size, seed=seed, **kw)
+
+
+def _load_photos(split: str, size: int | None, seed: int, **kw: Any) -> ImageDataset:
+    from invariscope.data.photos import load_photos
+
+    return load_photos(split, size=size, seed=seed, **kw)
 
 
 def _load_mnist(root: str, split: str, size: int | None, seed: int, **kw: Any) -> ImageDataset:
@@ -65,11 +74,12 @@ _GENERATED: dict[str, tuple[Callable[..., ImageDataset], tuple[str, ...]]] = {
     "digits": (_load_digits, ()),
     "glyphs": (_load_glyphs, ()),
     "shapes": (_load_shapes, ("image_size",)),
+    "photos": (_load_photos, ("image_size",)),
 }
 _FORMATS: dict[str, tuple[Callable[..., ImageDataset], tuple[str, ...]]] = {
     "mnist": (_load_mnist, ()),
     "cifar10": (_load_cifar10, ()),
-    "folder": (_load_folder, ("image_size", "mode")),
+    "folder": (_load_folder, ("image_size", "mode", "unlabeled")),
 }
 _PERTURBED_OPTIONS = ("clutter",)
 
@@ -77,7 +87,7 @@ _PERTURBED_OPTIONS = ("clutter",)
 def known_names() -> list[str]:
     """Every accepted name pattern (for error messages and the listing)."""
     perturbed = [f"{k}-{b}" for k in ("rotated", "translated", "scaled") for b in PERTURBED_BASES]
-    return [*GENERATED, *perturbed, *(f"{f}:<dir>" for f in FILE_FORMATS)]
+    return [*GENERATED, PHOTOS, *perturbed, *(f"{f}:<dir>" for f in FILE_FORMATS)]
 
 
 def _check_options(name: str, kw: dict[str, Any], allowed: tuple[str, ...]) -> None:
@@ -87,6 +97,18 @@ def _check_options(name: str, kw: dict[str, Any], allowed: tuple[str, ...]) -> N
         raise InvariscopeError(
             f"dataset '{name}' does not take option '{extra[0]}'; it takes: {ok}"
         )
+
+
+def is_folder_spec(name: str) -> bool:
+    """True if ``create_dataset(name)`` reads an image folder (``folder:<dir>`` or a
+    bare existing directory)."""
+    if not isinstance(name, str):
+        return False
+    if name.startswith("folder:"):
+        return True
+    fmt, colon, _ = name.partition(":")
+    known = name in _GENERATED or (colon and fmt in _FORMATS)
+    return not known and Path(name).expanduser().is_dir()
 
 
 def _looks_like_path(name: str) -> bool:
@@ -106,8 +128,8 @@ def create_dataset(
             random subset; perturbed sets default to their base split's size and, if
             larger, reuse base images with fresh perturbations.
         seed: all randomness follows from it (the digits split is fixed whatever the seed).
-        **kw: dataset options (``image_size`` for shapes and folders, ``mode`` for
-            folders, ``clutter`` for translated/scaled sets).
+        **kw: dataset options (``image_size`` for shapes, photos and folders, ``mode``
+            and ``unlabeled`` for folders, ``clutter`` for translated/scaled sets).
 
     Returns:
         A dataset with ``ds[i] -> (image float32 [C, H, W] in [0, 1], label int)``,
@@ -203,6 +225,16 @@ def list_datasets() -> list[DatasetInfo]:
     for kind, (text, canvas) in what.items():
         for base, source in digit_sources.items():
             rows.append(DatasetInfo(f"{kind}-{base}", f"{source}, {text}", 1, canvas, 10))
+    rows.append(
+        DatasetInfo(
+            "photos",
+            "real photographs shipped with scikit-image, scikit-learn and matplotlib, 7 with an "
+            "ImageNet label, as 224 px crops at 3 scales (68/77); 1000 ImageNet classes",
+            3,
+            224,
+            1000,
+        )
+    )
     rows += [
         DatasetInfo(
             "mnist:<dir>", "MNIST IDX files (train-/t10k-images-idx3-ubyte[.gz], labels)", 1, 28, 10
@@ -212,7 +244,9 @@ def list_datasets() -> list[DatasetInfo]:
         ),
         DatasetInfo(
             "folder:<dir>",
-            "images in <dir>/<class>/*.png|jpg|jpeg (ImageNet val layout); options image_size, mode",
+            "images in <dir>/<class>/*.png|jpg|jpeg (ImageNet val layout; classes named by "
+            "ImageNet wnid or name map onto an ImageNet model's outputs); options image_size, "
+            "mode, unlabeled (images directly in <dir>, for labels='model')",
             None,
             None,
             None,

@@ -56,8 +56,12 @@ from invariscope.engine.execution import (
     tune,
 )
 from invariscope.engine.selection import (
+    align_to_model,
     check_images,
+    check_labels,
     dataset_classes,
+    imagenet_mismatch,
+    label_by_model,
     resolve_classes,
     select_indices,
 )
@@ -416,6 +420,7 @@ def run(
     timeout: float = 1800.0,
     meta: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
+    labels: str = "dataset",
 ) -> RunResult:
     """Run ``analysis`` on ``models`` and ``datasets``; see the module docstring.
 
@@ -443,8 +448,15 @@ def run(
         timeout: seconds a rank waits for the others.
         meta: free-form facts stored in ``meta.json`` (how the model was named, ...).
         options: settings that change aggregates but not parts (``ctx.options``).
+        labels: where each image's reference label comes from (stored in the run's
+            configuration): ``"dataset"`` (its own labels; an ImageNet-style folder's
+            WordNet-id or class-name folders are mapped onto an ImageNet model's
+            outputs) or ``"model"`` (the model's own top-1 class on the untransformed
+            image, for unlabeled images; computed before any part runs, in float32).
+            See :mod:`invariscope.engine.selection`.
     """
     name = analysis.name
+    labels = check_labels(labels)
     batch_size = _check_int("batch-size", batch_size, 1)
     seed = _check_int("seed", seed, 0)
     if forward_batch is None:
@@ -494,7 +506,8 @@ def run(
         for m in models.values():
             m.to(dev)
 
-    # the images, the plan and the configuration: all before anything is written
+    # the labels, the images, the plan and the configuration: all before anything is written
+    datasets = _label(datasets, models, labels, images, classes, seed, dev, num_workers)
     class_names = {n: dataset_classes(d) for n, d in datasets.items()}
     indices, batches = {}, {}
     for n, d in datasets.items():
@@ -505,9 +518,11 @@ def run(
         model_classes = getattr(models["model"], "num_classes", None)
         k = len(class_names["data"])
         if isinstance(model_classes, int) and model_classes != k:
+            fix = imagenet_mismatch(class_names["data"], models["model"]) or (
+                "use a model trained on this dataset (or a dataset with matching classes)"
+            )
             raise InvariscopeError(
-                f"the model has {model_classes} classes but the dataset has {k}; use a "
-                "model trained on this dataset (or a dataset with matching classes)"
+                f"the model has {model_classes} classes but the dataset has {k}; {fix}"
             )
     placeholder = Execution(forward_batch if isinstance(forward_batch, int) else 256)
     ctx = Context(
@@ -544,10 +559,65 @@ def run(
             batch_size=batch_size,
             meta=meta,
             max_work=max_work,
+            labels=labels,
         )
     finally:
         for n, m in models.items():
             m.train(training[n])
+
+
+def _label(
+    datasets: dict[str, Dataset],
+    models: dict[str, nn.Module],
+    labels: str,
+    images,
+    classes,
+    seed: int,
+    device: torch.device,
+    num_workers: int,
+) -> dict[str, Dataset]:
+    """The datasets with the labels that ``labels`` asks for (see ``engine.selection``).
+
+    ``"model"``: each dataset is labelled by the primary model (``"model"``, else the
+    first) on the images the run selects (on every image when ``classes`` selects by
+    the model's classes). ``"dataset"``: unlabeled datasets are refused, and
+    ImageNet-style classes are mapped onto an ImageNet model's outputs.
+    """
+    if not datasets:
+        return datasets
+    primary = models.get("model", next(iter(models.values()), None))
+    out = {}
+    for n, d in datasets.items():
+        if labels == "model":
+            if primary is None:
+                raise InvariscopeError(
+                    "labels='model' takes each image's label from the model, but this "
+                    "analysis has no model; use labels='dataset'"
+                )
+            if classes is None:
+                needed = select_indices(d, images=images, classes=None, seed=seed)
+            else:
+                needed = np.arange(len(d))
+            out[n] = label_by_model(d, primary, needed, device=device, num_workers=num_workers)
+            log.info(
+                "labelled %d images of %s by the model's top-1 class",
+                len(needed),
+                getattr(d, "name", n),
+            )
+            continue
+        if getattr(d, "labelled", True) is False:
+            raise InvariscopeError(
+                f"dataset {getattr(d, 'name', n)} has no labels (images without class "
+                "folders); take each image's label from the model with "
+                + hint("labels='model'", "--labels model")
+                + ", or sort the images into class folders"
+            )
+        if primary is not None:
+            d, note = align_to_model(d, primary)
+            if note:
+                log.warning(note)
+        out[n] = d
+    return out
 
 
 def _run(
@@ -566,6 +636,7 @@ def _run(
     batch_size,
     meta,
     max_work,
+    labels="dataset",
 ) -> RunResult:
     analysis.check(ctx)
     work = analysis.work(ctx)
@@ -608,6 +679,7 @@ def _run(
     elif ctx.datasets:
         config["data"], config["images"] = data, chosen
     config.update(
+        labels=labels,
         seed=ctx.seed,
         batch_size=batch_size,
         forward_batch=forward_batch,

@@ -2,25 +2,56 @@
 
 The engine owns image selection (``--images``, ``--classes``, ``--batch-size``), so every
 analysis measures the same images for the same settings.
+
+It also owns where each image's reference label comes from (``labels``):
+
+* ``"dataset"`` (default): the dataset's own labels. When the model's class names are
+  the ImageNet-1k classes and every class of the dataset names one by WordNet id or
+  class name (an ImageNet-style folder, ``n01440764/``, ``tench/``), the labels are
+  mapped onto the model's output indices (:func:`align_to_model`), so that a folder of
+  10 ImageNet classes is scored against the right 10 of the model's 1000 outputs.
+* ``"model"``: the model's own top-1 class on the untransformed image
+  (:func:`label_by_model`), for unlabeled images: an analysis then measures how
+  transformations change the model's own decision (accuracy on the untransformed
+  images is 1 by construction).
+
+Both give a :class:`RelabelledDataset`, a view of the dataset with other labels and the
+model's class names, whose fingerprint covers the new labels.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
-from invariscope.errors import InvariscopeError, unknown_name
+from invariscope.data.base import digest
+from invariscope.data.batches import iter_index_batches
+from invariscope.data.imagenet import (
+    imagenet_classes,
+    imagenet_index,
+    imagenet_label_map,
+    is_imagenet_classes,
+)
+from invariscope.errors import InvariscopeError, hint, unknown_name
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "LABEL_MODES",
+    "RelabelledDataset",
+    "align_to_model",
+    "check_labels",
     "check_images",
     "dataset_classes",
     "dataset_labels",
+    "imagenet_mismatch",
+    "label_by_model",
     "resolve_classes",
     "select_indices",
     "stored_labels",
@@ -153,3 +184,173 @@ def check_images(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -
             f"dataset label {int(labels.max() if labels.max() >= num_classes else labels.min())} "
             f"is outside 0..{num_classes - 1}; the dataset's classes do not match its labels"
         )
+
+
+# ------------------------------------------------------------------------------ labels
+
+#: Where the reference label of each image comes from (``labels=`` / ``--labels``).
+LABEL_MODES = ("dataset", "model")
+
+#: Images per forward pass when labelling by the model (fixed: every rank and every
+#: resumption computes the same labels in the same batches).
+LABEL_CHUNK = 64
+
+
+def check_labels(labels: Any) -> str:
+    """``labels`` if it is one of :data:`LABEL_MODES`, else a one-line error."""
+    if labels not in LABEL_MODES:
+        raise InvariscopeError(
+            f"labels must be one of {', '.join(LABEL_MODES)}, got {labels!r}; "
+            + hint("pass labels='dataset' or labels='model'", "pass --labels dataset|model")
+        )
+    return str(labels)
+
+
+class RelabelledDataset(Dataset):
+    """A view of ``base`` with other labels and class names; the images are base's.
+
+    Args:
+        base: the dataset (in memory or read from files).
+        labels: int64 ``[len(base)]``; -1 marks an image without a label (one that was
+            not selected for labelling by the model); reading it is an error.
+        classes: the class names the labels index.
+        how: what made the labels (part of the fingerprint).
+
+    ``labels`` is a tensor (so batches of an in-memory base are sliced from ``images``
+    and ``labels``); other attributes (``images``, ``split``, ``params``, ``files``, ...)
+    are the base's. The fingerprint hashes the base's, ``how``, the classes and labels.
+    """
+
+    def __init__(
+        self, base: Dataset, labels: np.ndarray, classes: Sequence[str], *, how: str
+    ) -> None:
+        self.base = base
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.classes = [str(c) for c in classes]
+        self.how = how
+        self.name = getattr(base, "name", type(base).__name__)
+        self.labelled = True
+        self._fingerprint: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        label = int(self.labels[index])
+        if label < 0:
+            raise InvariscopeError(
+                f"image {index} of {self.name} has no label: only the images selected for "
+                "the run are labelled by the model"
+            )
+        return self.base[index][0], label
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("base", "labels", "classes", "how"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the base's fingerprint, ``how``, the classes and the labels."""
+        if self._fingerprint is None:
+            base = getattr(self.base, "fingerprint", None)
+            self._fingerprint = digest(base, self.how, self.classes, self.labels)
+        return self._fingerprint
+
+    def __repr__(self) -> str:
+        return f"RelabelledDataset({self.base!r}, how={self.how!r})"
+
+
+def _model_classes(model: nn.Module) -> list[str] | None:
+    names = getattr(model, "class_names", None)
+    return [str(c) for c in names] if names else None
+
+
+def _preview(pairs: Sequence[str], limit: int = 4) -> str:
+    return ", ".join(pairs[:limit]) + (f", ... ({len(pairs)} in all)" if len(pairs) > limit else "")
+
+
+def align_to_model(dataset: Dataset, model: nn.Module) -> tuple[Dataset, str | None]:
+    """Map an ImageNet-style dataset's labels onto an ImageNet model's outputs.
+
+    When the model's class names are the ImageNet-1k classes and every class of
+    ``dataset`` names one (WordNet id or class name; see
+    :func:`invariscope.data.imagenet.imagenet_label_map`), returns a
+    :class:`RelabelledDataset` whose labels are the model's indices and whose classes
+    are the model's names, with a one-line note saying what was mapped. Otherwise
+    returns ``(dataset, None)`` unchanged.
+    """
+    classes = getattr(dataset, "classes", None)
+    names = _model_classes(model)
+    if not classes or names is None:
+        return dataset, None
+    mapping = imagenet_label_map([str(c) for c in classes], names)
+    if mapping is None:
+        return dataset, None
+    old = dataset_labels(dataset)
+    table = np.asarray(mapping, dtype=np.int64)
+    new = np.where(old >= 0, table[np.clip(old, 0, len(table) - 1)], -1)
+    pairs = [f"{c} -> {m} ({names[m]})" for c, m in zip(classes, mapping, strict=True)]
+    note = (
+        f"mapped the {len(classes)} classes of dataset {getattr(dataset, 'name', '')} onto "
+        f"the model's ImageNet outputs: {_preview(pairs)}"
+    )
+    how = "imagenet:" + ",".join(map(str, mapping))
+    return RelabelledDataset(dataset, new, names, how=how), note
+
+
+def imagenet_mismatch(dataset_classes: Sequence[str], model: nn.Module) -> str | None:
+    """For an ImageNet model and a dataset of other classes: which dataset classes are
+    not ImageNet WordNet ids or names (a hint for the class-count error), else None."""
+    names = _model_classes(model)
+    if names is None or not is_imagenet_classes(names):
+        return None
+    unknown = [str(c) for c in dataset_classes if imagenet_index(str(c)) is None]
+    if not unknown:
+        return None
+    return (
+        "name the class folders by ImageNet WordNet id or class name (e.g. n01440764 or "
+        f"{imagenet_classes()[0]}) to map them onto the model's outputs (not: "
+        f"{_preview(unknown)}), or take the model's own labels with "
+        + hint("labels='model'", "--labels model")
+    )
+
+
+def label_by_model(
+    dataset: Dataset,
+    model: nn.Module,
+    indices: np.ndarray,
+    *,
+    device: torch.device,
+    num_workers: int = 0,
+) -> RelabelledDataset:
+    """The model's top-1 class on each untransformed image of ``indices`` as its label.
+
+    The model runs in eval mode (restored after), float32, in batches of
+    :data:`LABEL_CHUNK` images in ``indices`` order, so every rank and every resumption
+    computes the same labels. Images not in ``indices`` get -1 (no label). The classes
+    are the model's ``class_names`` (``"0" .. "K-1"`` for a network without names).
+    """
+    labels = np.full(len(dataset), -1, dtype=np.int64)
+    indices = np.asarray(indices, dtype=np.int64)
+    chunks = [indices[s : s + LABEL_CHUNK] for s in range(0, len(indices), LABEL_CHUNK)]
+    k = None
+    training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for _, x, _, idx in iter_index_batches(dataset, chunks, num_workers=num_workers):
+                logits = model(x.to(device))
+                if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                    raise InvariscopeError(
+                        f"labels='model' needs a classifier returning logits [B, K], got "
+                        f"{type(logits).__name__} {list(getattr(logits, 'shape', []))}"
+                    )
+                k = int(logits.shape[1])
+                labels[idx.numpy()] = logits.float().argmax(dim=1).cpu().numpy()
+    finally:
+        model.train(training)
+    names = _model_classes(model)
+    if names is None or (k is not None and len(names) != k):
+        names = [str(i) for i in range(k or 0)]
+    return RelabelledDataset(dataset, labels, names, how="model-top1")

@@ -12,6 +12,10 @@ spec                                   what is loaded
 ``timm:<name>``                        built with ``pretrained=False``; needs ``weights``
 =====================================  =============================================
 
+Registry names include the pretrained models of :mod:`invariscope.models.pretrained`
+(``efficientnet-lite0``), whose weights ship inside an optional package (the extra
+``pretrained``); they too are read from disk, never downloaded.
+
 Nothing is ever downloaded. ``weights`` may be a state_dict, a checkpoint dict with
 one under ``state_dict``/``model``/``model_state_dict``, an invariscope checkpoint, or
 a TorchScript file (its parameters are loaded into the built network). See
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 
 from invariscope.errors import InvariscopeError, unknown_name
+from invariscope.models import pretrained  # noqa: F401  (registers the pretrained models)
 from invariscope.models.adapters import (
     _accepts,
     _import_factory,

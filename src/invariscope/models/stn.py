@@ -186,8 +186,8 @@ def sequential_view(net: nn.Module, input_size: Sequence[int]) -> nn.Sequential 
     A torchvision-style CNN whose forward runs its children in order (a ResNet's stem,
     ``layer1..4``, ``avgpool``, ``fc``; a ``features`` / ``avgpool`` / ``classifier``
     network: MobileNet, EfficientNet, VGG, ConvNeXt) is the chain of those children, the
-    convolutional containers expanded into their stages and a ``Flatten`` before the
-    head where its forward flattens. The chain shares the modules (no copy) and is
+    convolutional containers expanded into their stages and a ``Flatten`` (after a global
+    average pool where the forward pools functionally) before the head. The chain shares the modules (no copy) and is
     accepted only when it gives the network's own logits on a random ``input_size``
     batch (eval mode), so an STN can be placed between its stages; networks whose forward
     does something else (a ViT's tokens) give None.
@@ -210,7 +210,10 @@ def sequential_view(net: nn.Module, input_size: Sequence[int]) -> nn.Sequential 
     )
     candidates = [nn.Sequential(*stages)]
     if head is not None and not any(isinstance(m, nn.Flatten) for m in stages[:head]):
-        candidates.insert(0, nn.Sequential(*stages[:head], nn.Flatten(1), *stages[head:]))
+        body, top = stages[:head], stages[head:]
+        candidates.insert(0, nn.Sequential(*body, nn.Flatten(1), *top))
+        # a forward that pools functionally before its head (torchvision's MobileNetV2)
+        candidates.append(nn.Sequential(*body, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), *top))
     x = torch.rand(2, *input_size, generator=torch.Generator().manual_seed(0))
     was_training = net.training
     net.eval()
@@ -426,9 +429,10 @@ class SpatialTransformerNetwork(nn.Module):
         if variant not in VARIANTS:
             raise InvariscopeError(f"unknown STN variant '{variant}'; use {', '.join(VARIANTS)}")
         net = getattr(classifier, "net", None)
-        ends = conv_blocks(net)
+        ends = conv_blocks(net) if int(depth) > 0 else []  # C0 works on any network
         spec = parse_arch(
-            f"{variant}{depth}" + (f"x{iterations}" if iterations > 1 else ""), len(ends)
+            f"{variant}{depth}" + (f"x{iterations}" if iterations > 1 else ""),
+            len(ends) if int(depth) > 0 else None,
         )
         self.classifier = classifier
         self.variant, self.depth, self.iterations = variant, int(depth), int(iterations)
@@ -546,7 +550,12 @@ def build_stn(
     """``cnn`` -> ``classifier`` itself; ``C0``, ``C1``, ``DL1``, ``SL1x2``... -> a
     :class:`SpatialTransformerNetwork` around it (see :func:`parse_arch`)."""
     net = getattr(classifier, "net", None)
-    spec = arch if isinstance(arch, ArchSpec) else parse_arch(arch, len(conv_blocks(net)))
+    if isinstance(arch, ArchSpec):
+        spec = arch
+    else:
+        spec = parse_arch(arch)
+        if spec.depth > 0:  # a transformer after block X: X must be within the blocks
+            spec = parse_arch(arch, len(conv_blocks(net)))
     if spec.variant is None:
         return classifier
     return SpatialTransformerNetwork(
