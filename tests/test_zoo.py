@@ -57,12 +57,12 @@ ZOO_ARGS: dict[str, list[str]] = {
     "stitch": ["--data", "{data}", "--layers-a", "{layer}", "--layers-b", "{layer}",
                "--steps", "2", "--train-batch", "8"],
     "lee": ["--data", "{data}", "--transforms", "translate_x,rotation,brightness"],
-    "stn_benchmark": ["--data", "translated-digits", "--archs", "{archs}", "--seeds", "1",
+    "stn_benchmark": ["--data", "scaled-digits", "--archs", "{archs}", "--seeds", "1",
                       "--quick", "--train-images", "16", "--steps", "2"],
     "alignment": ["--data", "{data}", "--transforms", "translate_x,rotation", "--layers",
-                  "{layer}", "--margin", "{margin}"],
+                  "{early}", "--margin", "{margin}"],
     "equivariance": ["--data", "{data}", "--transforms", "hflip", "--layers", "{layer}",
-                     "--structured", "1", "--train-images", "16", "--stats-batch", "16"],
+                     "--structured", "1", "--train-images", "8", "--stats-batch", "8"],
     "itn": ["--data", "{data}", "--steps", "2", "--save-every", "2", "--train-batch", "8",
             "--grid", "2", "--sweep-points", "3", "--examples", "2"],
 }  # fmt: skip
@@ -113,7 +113,8 @@ def zoo(tmp_path_factory) -> dict[str, dict[str, str]]:
         out[family] = {
             "checkpoint": str(path),
             "layer": small[0],
-            "margin": "0" if family == "vit" else "4",  # a ViT takes its own size only
+            "early": placed[0],  # the alignment check needs positions clear of padding
+            "margin": "0" if family == "vit" else "8",  # a ViT takes its own size only
             "data": data,
             "archs": ARCHS[family],
         }

@@ -617,6 +617,7 @@ def sweep(
     memory_format: str = "auto",
     amp: bool = False,
     max_work: int | None = DEFAULT_MAX_WORK,
+    labels: str = "dataset",
 ) -> SweepResult:
     """Sweep ``transforms`` over their magnitudes on ``dataset`` and summarise the predictions.
 
@@ -658,6 +659,9 @@ def sweep(
             or ``"channels_last"``. amp: autocast the forward passes.
         max_work: refuse a sweep that would forward more transformed images than this
             (None: no limit).
+        labels: ``"dataset"`` (the data's labels) or ``"model"`` (each image's label is
+            the model's own top-1 on the untransformed image: an audit of unlabelled
+            images).
 
     Returns:
         A :class:`SweepResult`. Raises :class:`InvariscopeError` for bad input (checked
@@ -693,6 +697,7 @@ def sweep(
         rank=rank,
         world_size=world_size,
         timeout=timeout,
+        labels=labels,
         meta={
             "threshold_fraction": threshold_fraction,
             "model_spec": model_spec,

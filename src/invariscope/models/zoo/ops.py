@@ -303,18 +303,26 @@ def wrap(
     num_classes: int,
     layer_names: Sequence[str],
 ) -> Classifier:
-    """A zoo network in its Classifier: ImageNet mean/std (their averages for C != 3)."""
+    """A zoo network in its Classifier: ImageNet mean/std (their averages for C != 3), and
+    the 1000 ImageNet class names when it has 1000 outputs (so ImageNet-labelled data such
+    as ``photos`` or a wnid folder is scored against the right outputs)."""
     if in_channels == 3:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         mean = sum(IMAGENET_MEAN) / 3.0
         std = sum(IMAGENET_STD) / 3.0
     net.layer_names = tuple(n.removeprefix("net.") for n in layer_names)
+    names = None
+    if num_classes == 1000:  # an ImageNet-shaped head: its outputs are ImageNet's classes
+        from invariscope.data.imagenet import imagenet_classes
+
+        names = imagenet_classes()
     return Classifier(
         net,
         input_size=(in_channels, image_size, image_size),
         mean=mean,
         std=std,
+        class_names=names,
         num_classes=num_classes,
         layer_names=list(layer_names),
     )
