@@ -58,7 +58,7 @@ ZOO_ARGS: dict[str, list[str]] = {
                "--steps", "2", "--train-batch", "8"],
     "lee": ["--data", "{data}", "--transforms", "translate_x,rotation,brightness"],
     "stn_benchmark": ["--data", "scaled-digits", "--archs", "{archs}", "--seeds", "1",
-                      "--quick", "--train-images", "16", "--steps", "2"],
+                      "--quick", "--train-images", "16", "--steps", "2", "--train-batch", "4"],
     "alignment": ["--data", "{data}", "--transforms", "translate_x,rotation", "--layers",
                   "{early}", "--margin", "{margin}"],
     "equivariance": ["--data", "{data}", "--transforms", "hflip", "--layers", "{layer}",
@@ -146,7 +146,8 @@ def test_analysis_runs_on_zoo_family(analysis, family, zoo, tmp_path, capsys):
     args = [a.format(**fill) for a in ZOO_ARGS[analysis]]
     out = tmp_path / "run"
     argv = [entry.command, "--model", fill["checkpoint"], *args, "--images", "6",
-            "--batch-size", "6", "--no-progress", "--out", str(out)]  # fmt: skip
+            "--batch-size", "6", "--forward-batch", "6", "--no-progress",
+            "--out", str(out)]  # fmt: skip
     if family not in FIGURES:
         argv.append("--no-figures")
     code = run(argv)
