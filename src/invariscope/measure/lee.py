@@ -13,10 +13,12 @@ invariant model has ``L f(x) = 0``. The measures stored per image:
   the quantity of Gruver et al.'s equation; its mean over images is the LEE;
 - ``lee_abs``: ``sum_k |(L f(x))_k|``, the l1 norm over the logits (Gruver et al.'s
   released script takes absolute values instead of squares);
-- ``lee_prob_abs``: ``mean_k |(L p(x))_k|`` with ``p = softmax(f)``: exactly the number
-  Gruver et al.'s released script (``lee/e2e_lee.py``) averages, which differentiates the
+- ``lee_prob_abs``: ``mean_k |(L p(x))_k|`` with ``p = softmax(f)``: the number Gruver
+  et al.'s released script (``lee/e2e_lee.py``) averages, which differentiates the
   softmax probabilities and averages the absolute values over the classes
-  (``L p = p * (L f - <p, L f>)``, from the same derivative).
+  (``L p = p * (L f - <p, L f>)``, from the same derivative) -- in THEIR units only with
+  ``units="gruver"`` (below): with the default units it is per pixel / per degree, theirs
+  per normalised coordinate (``(W - 1) / 2`` pixels) / per radian.
 
 Units (the derivative is per unit of ``t``; the registry magnitude is a function of t):
 
@@ -32,6 +34,18 @@ contrast                      log-factor          ``exp(t) I`` (not clamped)
 grayscale                     blend weight        ``(1 - t) I + t gray(I)`` (not clamped)
 ============================  ==================  =========================================
 
+``units="gruver"`` (:func:`unit_scale`) expresses the derivative in the units of Gruver et
+al.'s released code (``F.affine_grid(theta, align_corners=True)`` with ``theta`` the
+output -> input map in normalised coordinates), multiplying it by ``d t / d s`` (``s``
+their parameter): translate_x ``-(W - 1) / 2`` (their unit is the normalised coordinate,
+``(W - 1) / 2`` pixels, and ``+s`` moves the content left), translate_y ``-(H - 1) / 2``,
+rotation ``-180 / pi`` (radians, clockwise as displayed; square images), shear_x
+``-(W - 1) / (H - 1)``, shear_y ``-(H - 1) / (W - 1)``, scale_x / scale_y ``-1`` (their
+``stretch``), zoom ``1`` (their ``scale``), contrast ``1`` (their ``saturate``,
+``(1 + s) I``); brightness and grayscale have no counterpart and are left as they are.
+Their published per-model values then compare directly, up to the boundary: their
+``grid_sample`` reflects at the border where the warp core fills with zeros.
+
 Other registered continuous transformations with a scalar, differentiable magnitude are
 taken as ``identity + t`` in their registry unit. Refused, with a one-line error:
 discrete ones (``hflip``, ``vflip``, ``rot90``: no derivative), ``affine`` (a matrix,
@@ -42,20 +56,35 @@ the other) and ``gaussian_noise`` (``I + v z`` moves the image along a random
 direction ``z``: its "derivative" is a directional derivative along noise, not an
 equivariance of the content).
 
-Differentiation: ``g(t) = f(T(x, m(t)))`` with ``t`` a zero vector ``[B]`` and tangent
-ones, through the one warp core (:func:`~invariscope.transforms.warp_affine`) and
-:func:`torch.autograd.functional.jvp` (the double-backward trick: ``torch.func.jvp``
-has no forward-mode rule for ``grid_sample``). One jvp gives every image's derivative,
-since each image's output depends only on its own ``t``. Only ``t`` is differentiated:
-nothing accumulates into the model's parameters, and the model runs in eval mode.
+Differentiation: ``L f(x) = J_f(x) v`` with ``v = d/dt T_t x |_{t=0}`` the image
+tangent, a fixed linear function of the image built directly (:func:`image_tangent`):
 
-Bilinear resampling has kinks at integer sample positions; at ``t = 0`` every sample
-lies exactly on a pixel centre, and ``grid_sample``'s backward uses floor-based weights:
-the derivative is taken with the FORWARD difference of the image along each axis
-(``I(x + 1) - I(x)``, zero outside, as the warp core fills with zeros). For a
-translation by ``t`` pixels to the right this is the left derivative in ``t``
-(``(f(T_{-h} x) - f(x)) / (-h)``, ``h -> 0+``); Gruver et al.'s own ``grid_sample``
-implementation has the same convention.
+- geometric families: with ``A'`` the derivative at ``t = 0`` of the registry's forward
+  pixel matrix (:meth:`LieFamily.generator`, exact, in float64) and ``u(p) = A' (p, 1)``
+  its vector field on pixel coordinates (origin at the top-left pixel centre, x right,
+  y down; per unit of t), ``v = -(u_x D_x x + u_y D_y x)``;
+- brightness ``v = 1``, contrast (log-factor) ``v = x``, grayscale ``v = gray(x) - x``;
+  other photometric families the exact derivative of their formula in ``t`` (autograd
+  through the transformation alone).
+
+Then ONE forward-mode product through the model (``torch.autograd.forward_ad``, the
+mechanism of ``torch.func.jvp``, under ``no_grad``; convolutions, linear layers and
+eval-mode batch norm with their own cheaper forward rules, every other op PyTorch's)
+gives every image's derivative. Where an op has no forward-mode rule (the fused
+attention kernels), attention runs through its composite kernels, and failing that the
+double-backward trick (:func:`torch.autograd.functional.jvp`) pushes the SAME tangent.
+Nothing accumulates into the model's parameters, and the model runs in eval mode.
+
+The image difference ``D`` is the FORWARD difference along each axis (``I(x + 1) -
+I(x)``, zero outside, as the warp core fills with zeros): the derivative of bilinear
+resampling at ``t = 0``, where every sample lies exactly on a pixel centre (a kink) and
+the floor cell is taken. For a translation by ``t`` pixels to the right this is the
+left derivative in ``t`` (``(f(T_{-h} x) - f(x)) / (-h)``, ``h -> 0+``); Gruver et al.'s
+own ``grid_sample`` has the same convention (but reflects at the border). Building
+``v`` directly makes the convention exact in every dtype and image size: differentiating
+``grid_sample`` at ``t = 0`` (the previous implementation, kept for ``base != 0``) lands
+some identity samples a rounding error below the pixel centre (float32 at most sizes,
+even float64 at 224 px), where it takes the backward difference instead.
 
 Per layer (``lee_layers``): each probe-able layer ``Gamma_i`` with a 4-D output gets its
 own representation's equivariance error::
@@ -67,7 +96,10 @@ the same registry magnitude applied to the map's pixel grid (a translation by ``
 of the map's width, i.e. ``t * W_i / W`` map pixels; rotation, zoom and shear about the
 map's centre), zeros outside, bilinear; photometric transformations act trivially on
 feature maps (an invariance: ``L_i = d/dt Gamma_i(T_t x)``), and so does every
-transformation on a ``1 x 1`` map (a global pool). Stored: ``lee`` = the mean over the
+transformation on a ``1 x 1`` map (a global pool). Computed from the same forward-mode
+pass: ``L_i = J_{Gamma_i}(x) v - rho'_i Gamma_i(x)``, with ``rho'_i`` the map's own
+tangent built like ``v`` (the map's generator, forward differences, zeros outside).
+Stored: ``lee`` = the mean over the
 map's elements of ``L_i(x)^2`` (so layers of different sizes compare) and ``lee_rel`` =
 that over the mean of ``Gamma_i(x)^2`` (NaN for an all-zero map). This is each layer's
 own equivariance error (the additive decomposition below is the other attribution).
@@ -87,9 +119,9 @@ representation above on 4-D maps, trivial on other tensors and on the logits)::
         = J_{f_i}(z_{i-1}) rho'_{i-1} z_{i-1} - rho'_i z_i       (layer i's local error)
     c_i = J_{f_{>i}}(z_i) e_i                              (its effect on the logits [K])
 
-and ``sum_i c_i = L f(x)`` exactly (the terms telescope). Both are jvps (``e_i`` w.r.t.
-one ``t`` per image through the warp core, ``c_i`` of the rest of the chain at ``z_i``
-with tangent ``e_i``). Stored per image and layer: ``contribution = ||c_i||^2`` (squared
+and ``sum_i c_i = L f(x)`` exactly (the terms telescope). Both are forward-mode products
+(``e_i``: of ``f_i`` alone with the direct tangent ``rho'_{i-1} z_{i-1}``, none where it
+is trivial; ``c_i``: of the rest of the chain at ``z_i`` with tangent ``e_i``). Stored per image and layer: ``contribution = ||c_i||^2`` (squared
 l2 over the logits) and ``share = <c_i, S> / ||S||^2`` with ``S = sum_i c_i`` (= ``L
 f(x)``; signed, the shares sum to 1; NaN when ``S = 0``). Photometric transformations
 act trivially on every map, so their whole derivative is the first layer's. Other
@@ -107,9 +139,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,14 +151,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import Dataset
 
 from invariscope.engine import Analysis, AnalysisEntry, Batch, Part, part_id, register_analysis
 from invariscope.engine import run as run_analysis
 from invariscope.errors import InvariscopeError
 from invariscope.measure.aggregate import mean_interval
-from invariscope.models.capture import resolve_layer
+from invariscope.models.capture import register_layer_hook, resolve_layer
 from invariscope.models.classifier import Classifier, default_layer_names
 from invariscope.transforms import get_transform, list_transforms, warp_affine
 from invariscope.transforms.registry import TransformSpec
@@ -140,7 +177,11 @@ __all__ = [
     "lie_derivatives",
     "lie_contributions",
     "lie_family",
+    "image_tangent",
     "model_chain",
+    "unit_name",
+    "unit_scale",
+    "UNIT_SYSTEMS",
 ]
 
 log = logging.getLogger(__name__)
@@ -193,6 +234,67 @@ class LieFamily:
             return fmap
         m = self.param(t, H, W).to(fmap.dtype)
         return warp_affine(fmap, self.spec.matrix_fn(m, h, w))
+
+    def generator(self, H: int, W: int, h: int | None = None, w: int | None = None):
+        """``d/dt A_t |_{t=0}`` ``[2, 3]`` (float64): the derivative of the forward pixel
+        matrix on an ``h x w`` grid (default the image's ``H x W``) of an ``H x W`` image,
+        taken exactly (autograd through the registry's matrix in float64). Geometric only.
+
+        Its linear part and offset give the vector field ``v(p) = A' (p, 1)`` in pixel
+        coordinates (origin at the top-left pixel centre, x right, y down) per unit of t.
+        """
+        if not self.geometric:
+            raise InvariscopeError(f"{self.name} is photometric: it has no pixel generator")
+        h, w = (H, W) if h is None else (h, w)
+
+        def matrix(t: torch.Tensor) -> torch.Tensor:
+            return self.spec.matrix_fn(self.param(t, H, W), h, w)
+
+        with torch.inference_mode(False), torch.enable_grad():
+            t0 = torch.zeros(1, dtype=torch.float64)
+            _, d = torch.autograd.functional.jvp(matrix, t0, torch.ones_like(t0), strict=False)
+        return d.reshape(-1, 2, 3)[0].detach()
+
+    def tangent(self, images: torch.Tensor) -> torch.Tensor:
+        """``d/dt T_t images |_{t=0}`` ``[B, C, H, W]``, built directly (no resampling).
+
+        Geometric: ``-(v_x D_x I + v_y D_y I)`` with ``v`` the generator's vector field and
+        ``D`` the FORWARD difference ``I(p + 1) - I(p)`` with zeros outside (the warp
+        core's convention at t = 0, exact in every dtype). Photometric: brightness 1,
+        contrast (log-factor) ``I``, grayscale ``gray(I) - I``; other photometric families
+        the exact derivative of their formula in t (autograd through the transformation
+        alone, no network).
+        """
+        if self.geometric:
+            H, W = images.shape[-2:]
+            return _flow_tangent(images, self.generator(H, W))
+        known = _KNOWN.get(self.name)
+        if known is not None and known[2] is self.param:
+            if self.name == "brightness":
+                return torch.ones_like(images)
+            if self.name == "contrast":
+                return images.clone()
+            if self.name == "grayscale":
+                return self.apply(images, torch.ones(images.shape[0]).to(images)) - images
+        with torch.inference_mode(False), torch.enable_grad():
+            x = images.clone() if images.is_inference() else images
+            t0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+            _, d = torch.autograd.functional.jvp(
+                lambda t: self.apply(x, t), t0, torch.ones_like(t0), strict=False
+            )
+        return d.detach()
+
+    def map_tangent(self, fmap: torch.Tensor, H: int, W: int) -> torch.Tensor | None:
+        """``rho'_i fmap = d/dt T^{(i)}_t fmap |_{t=0}`` for a feature map ``[B, C, h, w]`` of
+        an ``H x W`` image (see :meth:`act_on_map`), built as :meth:`tangent` with the
+        map's own generator; None where the family acts trivially (photometric, ``1 x 1``
+        maps, tensors that are not 4-D)."""
+        if not self.geometric or fmap.dim() != 4:
+            return None
+        h, w = fmap.shape[-2:]
+        if h == 1 and w == 1:
+            return None
+        return _flow_tangent(fmap, self.generator(H, W, h, w))
 
 
 def _same(t, H, W):
@@ -267,6 +369,119 @@ def lie_family(name: str) -> LieFamily:
     return LieFamily(name, unit, text, param, spec)
 
 
+def _flow_tangent(images: torch.Tensor, generator: torch.Tensor) -> torch.Tensor:
+    """``-(v_x D_x I + v_y D_y I)``: the t = 0 tangent of warping ``images`` ``[B, C, h, w]``
+    along the vector field ``v(p) = generator @ (p, 1)`` (pixel coordinates), with ``D``
+    the forward difference and zeros outside. The field is built in float64 and cast."""
+    h, w = images.shape[-2:]
+    a = generator.tolist()
+    xs = torch.arange(w, dtype=torch.float64)
+    ys = torch.arange(h, dtype=torch.float64)
+    out = torch.zeros_like(images)
+    for row, axis in ((a[0], -1), (a[1], -2)):
+        if row == [0.0, 0.0, 0.0]:
+            continue
+        field = row[0] * xs[None, :] + row[1] * ys[:, None] + row[2]
+        field = field.to(dtype=images.dtype, device=images.device)
+        pad = (0, 1) if axis == -1 else (0, 0, 0, 1)
+        ahead = images[..., 1:] if axis == -1 else images[..., 1:, :]
+        diff = F.pad(ahead, pad) - images  # I(p + 1) - I(p), zero outside
+        out = out.addcmul(field, diff, value=-1.0)
+    return out
+
+
+# ------------------------------------------------------------------------------ units
+
+#: ``units=`` values: ``"invariscope"`` (the table in the module docstring) or ``"gruver"``.
+UNIT_SYSTEMS = ("invariscope", "gruver")
+
+# Gruver et al.'s released code (ngruver/lie-deriv, ``lee/lie_derivs.py`` and its
+# ``transforms``) warps with ``F.affine_grid(theta, align_corners=True)``, ``theta`` the
+# OUTPUT -> INPUT map in normalised coordinates (one unit = (W - 1) / 2 pixels along x,
+# (H - 1) / 2 along y). Per family: the unit's name and d t_invariscope / d t_gruver.
+_GRUVER: dict[str, tuple[str, Callable[[int, int], float]]] = {
+    # theta[0, 2] = t samples x + t: the content moves LEFT by t (W - 1) / 2 pixels
+    "translate_x": ("normalised x ((W-1)/2 px, leftward)", lambda H, W: -(W - 1) / 2.0),
+    "translate_y": ("normalised y ((H-1)/2 px, upward)", lambda H, W: -(H - 1) / 2.0),
+    # theta = [[cos, sin], [-sin, cos]] samples R p: the content turns clockwise (y down)
+    "rotation": ("radian (clockwise)", lambda H, W: -180.0 / math.pi),
+    # theta[0, 1] = t samples x + t y (normalised): x' = x - t (W - 1) / (H - 1) y in pixels
+    "shear_x": ("normalised shear (sign flipped)", lambda H, W: -(W - 1) / (H - 1)),
+    "shear_y": ("normalised shear (sign flipped)", lambda H, W: -(H - 1) / (W - 1)),
+    # stretch: theta[0, 0] = 1 + s samples (1 + s) x: magnification 1 / (1 + s)
+    "scale_x": ("stretch s (grid x (1 + s))", lambda H, W: -1.0),
+    "scale_y": ("stretch s (grid x (1 + s))", lambda H, W: -1.0),
+    # scale: theta = (1 - s) I: magnification 1 / (1 - s)
+    "zoom": ("scale s (grid x (1 - s))", lambda H, W: 1.0),
+    # saturate: (1 + s) I
+    "contrast": ("saturation s ((1 + s) I)", lambda H, W: 1.0),
+}
+
+
+def _check_units(units: str) -> str:
+    if units not in UNIT_SYSTEMS:
+        raise InvariscopeError(
+            f"units '{units}' is not one of {', '.join(UNIT_SYSTEMS)}; pass units='gruver' to "
+            "compare with Gruver et al.'s published values"
+        )
+    return units
+
+
+def unit_name(transform: str | LieFamily, units: str = "invariscope") -> str:
+    """The unit of ``t`` of ``transform`` in the unit system ``units`` (see :func:`unit_scale`)."""
+    family = transform if isinstance(transform, LieFamily) else lie_family(transform)
+    if _check_units(units) == "invariscope":
+        return family.unit
+    known = _GRUVER.get(family.name)
+    return f"Gruver: {known[0]}" if known else f"{family.unit} (no Gruver counterpart)"
+
+
+def unit_scale(transform: str | LieFamily, H: int, W: int, units: str = "invariscope") -> float:
+    """``d t / d s``: invariscope's ``t`` (module docstring) per unit ``s`` of ``units``.
+
+    A derivative in ``units`` is the derivative per invariscope unit times this factor
+    (e.g. per pixel x ``dpixel / ds``). ``"gruver"``, for an ``H x W`` image (Gruver et
+    al.'s ``affine_grid`` with ``align_corners=True``, a normalised unit being
+    ``(W - 1) / 2`` pixels): translate_x ``-(W - 1) / 2``, translate_y ``-(H - 1) / 2``,
+    rotation ``-180 / pi`` (square images only: their rotation turns normalised
+    coordinates), shear_x ``-(W - 1) / (H - 1)``, shear_y ``-(H - 1) / (W - 1)``,
+    scale_x / scale_y ``-1`` (their stretch), zoom ``1`` (their scale), contrast ``1``
+    (their saturation); ``1`` for families they do not have (brightness, grayscale).
+
+    Raises:
+        InvariscopeError: unknown ``units``; ``"gruver"`` rotation on a non-square image.
+    """
+    family = transform if isinstance(transform, LieFamily) else lie_family(transform)
+    if _check_units(units) == "invariscope" or family.name not in _GRUVER:
+        return 1.0
+    if H < 2 or W < 2:
+        raise InvariscopeError(f"units='gruver' needs images of at least 2 x 2, got {H} x {W}")
+    if family.name == "rotation" and H != W:
+        raise InvariscopeError(
+            f"units='gruver' for rotation needs square images (Gruver et al. rotate "
+            f"normalised coordinates, not a rotation of a {H} x {W} image); use units='invariscope'"
+        )
+    return float(_GRUVER[family.name][1](H, W))
+
+
+def image_tangent(
+    transform: str | LieFamily, images: torch.Tensor, *, units: str = "invariscope"
+) -> torch.Tensor:
+    """``d/dt T_t images |_{t=0}`` ``[B, C, H, W]``: the direction every Lie derivative
+    pushes through the network, built directly (see :meth:`LieFamily.tangent`), per unit
+    of ``t`` in ``units``.
+
+    >>> import torch
+    >>> image_tangent("translate_x", torch.tensor([[[[1.0, 2.0, 4.0]]]])).tolist()
+    [[[[-1.0, -2.0, 4.0]]]]
+    """
+    family = transform if isinstance(transform, LieFamily) else lie_family(transform)
+    H, W = images.shape[-2:]
+    scale = unit_scale(family, H, W, units)
+    tangent = family.tangent(images.detach())
+    return tangent if scale == 1.0 else tangent * scale
+
+
 # ------------------------------------------------------------------------ derivatives
 
 
@@ -286,6 +501,221 @@ class LieDerivatives:
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
+# How each module's forward product was last taken: "forward" (forward-mode AD),
+# "forward-math" (forward-mode AD with the composite attention kernels) or "double"
+# (the double-backward trick), so that a model without forward rules fails only once.
+_AD_MODE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_AD_MODES = ("forward", "forward-math", "double")
+
+
+@contextlib.contextmanager
+def _composite_attention() -> Iterator[None]:
+    """Attention through its composite (math) kernels: ``scaled_dot_product_attention``'s
+    fused CPU/GPU kernels and ``nn.MultiheadAttention``'s / ``nn.TransformerEncoderLayer``'s
+    fast paths have no forward-mode rule (nor, on CPU, a double backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mha = getattr(torch.backends, "mha", None)
+    fast = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fast)
+
+
+def _no_forward_rule(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, NotImplementedError) or (
+        isinstance(error, RuntimeError) and ("forward AD" in text or "forward-mode" in text)
+    )
+
+
+def _argument(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _replaced(args: tuple, kwargs: dict, values: dict[int, tuple[str, Any]]):
+    """``args, kwargs`` with the arguments at ``{index: (name, value)}`` replaced."""
+    args, kwargs = list(args), dict(kwargs)
+    for index, (name, value) in values.items():
+        if len(args) > index:
+            args[index] = value
+        else:
+            kwargs[name] = value
+    return args, kwargs
+
+
+def _has_tangent(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and fwAD.unpack_dual(value).tangent is not None
+
+
+_LINEAR_OPS = frozenset(
+    {
+        F.conv1d,
+        F.conv2d,
+        F.conv3d,
+        F.conv_transpose1d,
+        F.conv_transpose2d,
+        F.conv_transpose3d,
+        F.linear,
+    }
+)
+
+
+class _LinearRules(TorchFunctionMode):
+    """Cheaper forward-mode rules for the common layers, active during :func:`_forward_ad`.
+
+    A convolution or linear layer whose weight (and bias) carry no tangent is applied to
+    the primal (exactly the model's own call) and, without the bias, to the tangent;
+    eval-mode batch norm maps the tangent to ``t * weight / sqrt(running_var + eps)``;
+    in-place ``relu`` / ``hardtanh`` (ReLU6) and ``+=`` / ``add_`` update primal and
+    tangent in place. PyTorch's generic rules compute the same numbers with two extra
+    convolutions per convolution (a product with a zero weight tangent), a dozen
+    elementwise passes per batch norm and a copy per in-place op (together 4x the
+    forward pass on a ResNet-50 instead of 2x); every other op keeps PyTorch's own rule.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LINEAR_OPS:
+            inputs = _argument(args, kwargs, 0, "input")
+            weight, bias = _argument(args, kwargs, 1, "weight"), _argument(args, kwargs, 2, "bias")
+            if _has_tangent(inputs) and not _has_tangent(weight) and not _has_tangent(bias):
+                primal, tangent = fwAD.unpack_dual(inputs)
+                a, k = _replaced(args, kwargs, {0: ("input", primal)})
+                out = func(*a, **k)
+                a, k = _replaced(args, kwargs, {0: ("input", tangent), 2: ("bias", None)})
+                return fwAD.make_dual(out, func(*a, **k))
+        elif func is F.batch_norm:
+            inputs = _argument(args, kwargs, 0, "input")
+            stats = [_argument(args, kwargs, i, n) for i, n in enumerate(_BN_ARGS, start=1)]
+            training = _argument(args, kwargs, 5, "training", False)
+            if (
+                _has_tangent(inputs)
+                and not training
+                and stats[0] is not None
+                and stats[1] is not None
+                and not any(_has_tangent(s) for s in stats)
+            ):
+                primal, tangent = fwAD.unpack_dual(inputs)
+                a, k = _replaced(args, kwargs, {0: ("input", primal)})
+                out = func(*a, **k)
+                eps = _argument(args, kwargs, 7, "eps", 1e-5)
+                scale = torch.rsqrt(stats[1] + eps)
+                if stats[2] is not None:
+                    scale = scale * stats[2]
+                shape = (1, -1) + (1,) * (tangent.dim() - 2)
+                return fwAD.make_dual(out, tangent * scale.to(tangent.dtype).view(shape))
+        elif func in _IN_PLACE_ADDS:
+            out = self._add_in_place(args, kwargs)
+            if out is not None:
+                return out
+        elif func is F.relu or func is F.hardtanh:
+            inputs = _argument(args, kwargs, 0, "input")
+            bounds = (0.0, math.inf)
+            if func is F.hardtanh:
+                bounds = (
+                    _argument(args, kwargs, 1, "min_val", -1.0),
+                    _argument(args, kwargs, 2, "max_val", 1.0),
+                )
+            inplace = _argument(args, kwargs, 3 if func is F.hardtanh else 1, "inplace", False)
+            if inplace and _has_tangent(inputs):
+                # in place, like PyTorch's own rule, without its extra copy of the tangent
+                primal, tangent = fwAD.unpack_dual(inputs)
+                if func is F.relu:
+                    primal.clamp_min_(0)
+                    torch.ops.aten.threshold_backward.grad_input(
+                        tangent, primal, 0, grad_input=tangent
+                    )
+                else:
+                    primal.clamp_(bounds[0], bounds[1])
+                    torch.ops.aten.hardtanh_backward.grad_input(
+                        tangent, primal, bounds[0], bounds[1], grad_input=tangent
+                    )
+                return inputs
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _add_in_place(args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """``a += b`` / ``a.add_(b, alpha=...)`` with a tangent on ``a``: both parts in place."""
+        if len(args) < 2 or set(kwargs) - {"alpha"} or not _has_tangent(args[0]):
+            return None
+        target, other = args[0], args[1]
+        alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+        if not isinstance(other, torch.Tensor) or target.shape != torch.broadcast_shapes(
+            target.shape, other.shape
+        ):
+            return None
+        primal, tangent = fwAD.unpack_dual(target)
+        other_primal, other_tangent = fwAD.unpack_dual(other)
+        primal.add_(other_primal, alpha=alpha)
+        if other_tangent is not None:
+            tangent.add_(other_tangent, alpha=alpha)
+        return target
+
+
+_BN_ARGS = ("running_mean", "running_var", "weight", "bias")
+_IN_PLACE_ADDS = frozenset({torch.Tensor.add_, torch.Tensor.__iadd__})
+
+
+def _forward_ad(fn, x: torch.Tensor, v: torch.Tensor):
+    # inference mode would silently drop every tangent: leave it for the pass
+    with torch.inference_mode(False), torch.no_grad(), fwAD.dual_level(), _LinearRules():
+        v = v.clone() if v.is_inference() else v
+        outs = fn(fwAD.make_dual(x.clone(), v))  # a copy: in-place ops must not reach x
+        primals, tangents = [], []
+        for out in outs:
+            p, d = fwAD.unpack_dual(out)
+            primals.append(p)
+            tangents.append(torch.zeros_like(p) if d is None else d)
+    return primals, tangents
+
+
+def _double_backward(fn, x: torch.Tensor, v: torch.Tensor):
+    with torch.inference_mode(False), torch.enable_grad():
+        x, v = (z.clone() if z.is_inference() else z for z in (x, v))
+        outs, tans = torch.autograd.functional.jvp(
+            lambda z: tuple(fn(z.clone())), x, v, strict=False
+        )
+    return [o.detach() for o in outs], [d.detach() for d in tans]
+
+
+def _forward_product(key: nn.Module, fn, x: torch.Tensor, v: torch.Tensor):
+    """``(fn(x), J_fn(x) v)`` for ``fn`` returning a sequence of tensors: ONE forward-mode
+    pass (``torch.autograd.forward_ad``, the mechanism of ``torch.func.jvp``, under
+    ``no_grad``: nothing is recorded for backward); where an op has no forward rule, the
+    composite attention kernels, then the double-backward trick
+    (:func:`torch.autograd.functional.jvp`) with the same tangent. ``key`` remembers the
+    mode that worked (per module)."""
+    x, v = x.detach(), v.detach()
+    if v.shape != x.shape:
+        raise InvariscopeError(f"tangent shape {list(v.shape)} != input shape {list(x.shape)}")
+    start = _AD_MODE.get(key, "forward")
+    for mode in _AD_MODES[_AD_MODES.index(start) :]:
+        try:
+            if mode == "forward":
+                result = _forward_ad(fn, x, v)
+            elif mode == "forward-math":
+                with _composite_attention():
+                    result = _forward_ad(fn, x, v)
+            else:
+                with _composite_attention():
+                    result = _double_backward(fn, x, v)
+        except (NotImplementedError, RuntimeError) as error:
+            if mode == "double" or not _no_forward_rule(error):
+                raise
+            log.info("LEE: %s; retrying without it (%s)", str(error).splitlines()[0], mode)
+            continue
+        if mode != start:
+            _AD_MODE[key] = mode
+        return result
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def lie_derivatives(
     model: nn.Module,
     images: torch.Tensor,
@@ -293,26 +723,108 @@ def lie_derivatives(
     *,
     layers: Sequence[str] = (),
     base: float = 0.0,
+    units: str = "invariscope",
 ) -> LieDerivatives:
     """Lie derivatives of ``model``'s logits (and of its layers' maps) on a batch.
 
-    ``g(t) = f(T(x, m(base + t)))`` is differentiated at ``t = 0`` for every image at once
-    with :func:`torch.autograd.functional.jvp` (double backward through the warp core);
-    for each layer, ``T^{(i)}_{-(base + t)} Gamma_i(T_{base + t} x)`` is differentiated in
-    the same pass. ``base`` (default 0, the Lie derivative) moves the point of
-    differentiation, e.g. to a non-integer sample position for checks against finite
-    differences. The model is put in eval mode for the call (and restored); only ``t`` is
-    differentiated, so no gradient reaches the model's parameters.
+    At ``t = 0`` (``base=0``, the default): the image tangent ``v = d/dt T_t x`` is built
+    directly (:func:`image_tangent`: the generator's vector field times the image's
+    forward differences, or the photometric derivative), and ONE forward-mode product
+    ``J_f(x) v`` through the model gives every image's ``L f(x)`` (with the fallbacks
+    of the module docstring); each probed layer's own error is
+    ``L_i = J_{Gamma_i}(x) v - rho'_i Gamma_i(x)`` from the same pass, ``rho'_i`` built
+    the same direct way on the map's grid. ``base != 0`` moves the point of
+    differentiation (e.g. to non-integer sample positions, for checks against finite
+    differences): then ``g(t) = T^{(i)}_{-(base + t)} Gamma_i(T_{base + t} x)`` is
+    differentiated through the warp core (double backward). The model is put in eval
+    mode for the call (and restored); no gradient reaches its parameters.
 
     Args:
         model: images ``[B, C, H, W]`` in ``[0, 1]`` -> logits ``[B, K]``.
         images: the batch, ``[B, C, H, W]``.
         transform: a registered transformation name or a :class:`LieFamily`.
         layers: probe-able layer names whose 4-D outputs get their own derivative.
+        base: the point of differentiation (0: the Lie derivative).
+        units: ``"invariscope"`` (default) or ``"gruver"`` (:func:`unit_scale`).
     """
     family = transform if isinstance(transform, LieFamily) else lie_family(transform)
     if images.dim() != 4:
         raise InvariscopeError(f"images must be [B, C, H, W], got shape {list(images.shape)}")
+    H, W = images.shape[-2:]
+    scale = unit_scale(family, H, W, units)
+    if base != 0.0:
+        d = _warp_lie_derivatives(model, images, family, layers=layers, base=base)
+        if scale != 1.0:
+            d.tangent = d.tangent * scale
+            d.layers = {n: (t * scale, a) for n, (t, a) in d.layers.items()}
+        return d
+    names = list(dict.fromkeys(str(n) for n in layers))
+    captured: dict[str, Any] = {}
+
+    def hook(name):
+        def record(module, inputs, output) -> None:
+            # a copy: an in-place op after the layer (ReLU(inplace=True)) must not change it
+            captured[name] = output.clone() if isinstance(output, torch.Tensor) else output
+
+        return record
+
+    x = images.detach()
+    v = image_tangent(family, x, units=units)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        v = v.contiguous(memory_format=torch.channels_last)
+
+    def g(inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        captured.clear()
+        logits = model(inputs)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise InvariscopeError(
+                f"the model must return logits [B, K], got {getattr(logits, 'shape', type(logits))}"
+            )
+        maps = []
+        for n in names:
+            a = captured.get(n)
+            if not isinstance(a, torch.Tensor) or a.dim() != 4:
+                shape = list(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+                raise InvariscopeError(
+                    f"layer '{n}' has no 4-D feature map output (got {shape}); pick layers "
+                    "whose output is [B, C, H, W], or --layers none"
+                )
+            maps.append(a)
+        return (logits, *maps)
+
+    handles = [resolve_layer(model, n).register_forward_hook(hook(n)) for n in names]
+    was_training = model.training
+    model.eval()
+    try:
+        outputs, tangents = _forward_product(model, g, x, v)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        captured.clear()
+    out = [o.detach() for o in outputs]
+    tan = [d.detach() for d in tangents]
+    maps = {}
+    for i, n in enumerate(names):
+        act, jv = out[i + 1], tan[i + 1]
+        own = family.map_tangent(act, H, W)
+        maps[n] = (jv if own is None else jv - own * scale, act)
+    return LieDerivatives(logits=out[0], tangent=tan[0], layers=maps)
+
+
+def _warp_lie_derivatives(
+    model: nn.Module,
+    images: torch.Tensor,
+    family: LieFamily,
+    *,
+    layers: Sequence[str] = (),
+    base: float = 0.0,
+) -> LieDerivatives:
+    """The Lie derivatives through the warp core: ``g(t) = T^{(i)}_{-s} Gamma_i(T_s x)``,
+    ``s = base + t``, differentiated at ``t = 0`` with the double-backward trick through
+    ``grid_sample`` (the reference of the direct tangent, and the path for ``base != 0``).
+    At ``t = 0`` it follows the forward-difference convention only where the warp core's
+    identity grid lands exactly on the pixel centres (float64 up to ~64 px; not float32)."""
     H, W = images.shape[-2:]
     names = list(dict.fromkeys(str(n) for n in layers))
     captured: dict[str, Any] = {}
@@ -437,13 +949,19 @@ class LieContributions:
 
 
 def lie_contributions(
-    model: nn.Module, images: torch.Tensor, transform: str | LieFamily
+    model: nn.Module,
+    images: torch.Tensor,
+    transform: str | LieFamily,
+    *,
+    units: str = "invariscope",
 ) -> LieContributions:
     """Gruver et al.'s additive decomposition of the Lie derivative over a chain's layers.
 
-    One forward pass collects ``z_i``; per layer, ``e_i`` is the jvp (w.r.t. one ``t``
-    per image, tangent ones) of ``rho_i(-t) f_i(rho_{i-1}(t) z_{i-1})`` and ``c_i`` the
-    jvp of the rest of the chain at ``z_i`` with tangent ``e_i`` (see the module
+    One forward pass collects ``z_i``; per layer, ``e_i = J_{f_i}(z_{i-1}) rho'_{i-1}
+    z_{i-1} - rho'_i z_i`` (the tangents built directly, as in :func:`lie_derivatives`:
+    ``rho'_0`` the image tangent, ``rho'_i`` the map's own; a forward-mode product of
+    ``f_i`` alone, none where ``rho'_{i-1}`` is trivial) and ``c_i`` the forward-mode
+    product of the rest of the chain at ``z_i`` with tangent ``e_i`` (see the module
     docstring). Eval mode for the call (restored); no gradient reaches the parameters.
 
     Raises:
@@ -457,16 +975,15 @@ def lie_contributions(
     if images.dim() != 4:
         raise InvariscopeError(f"images must be [B, C, H, W], got shape {list(images.shape)}")
     H, W = images.shape[-2:]
+    scale = unit_scale(family, H, W, units)
     x = images.detach()
-    t0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    ones = torch.ones_like(t0)
 
-    def rho(i: int, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def rho_tangent(i: int, z: torch.Tensor) -> torch.Tensor | None:
+        """``rho'_i z_i`` (None: trivial)."""
         if i == 0:
-            return family.apply(z, t)
-        if z.dim() != 4:  # non-spatial tensors (and the logits): trivial
-            return z
-        return family.act_on_map(z, t, H, W)
+            return image_tangent(family, z, units=units)
+        own = family.map_tangent(z, H, W)  # non-spatial tensors (and the logits): trivial
+        return None if own is None else own * scale
 
     was_training = model.training
     model.eval()
@@ -484,26 +1001,29 @@ def lie_contributions(
         if zs[-1].dim() != 2:
             raise InvariscopeError(f"the model must return logits [B, K], got {list(zs[-1].shape)}")
         contributions = []
-        with torch.enable_grad():
-            for i, (_, f) in enumerate(chain):
-                z_in = zs[i]
+        incoming = rho_tangent(0, x)
+        for i, (_, f) in enumerate(chain):
+            outgoing = rho_tangent(i + 1, zs[i + 1])
+            e = None
+            if incoming is not None:
+                _, (e,) = _forward_product(model, lambda z, f=f: (f(z),), zs[i], incoming)
+            if outgoing is not None:
+                e = -outgoing if e is None else e - outgoing
+            rest = [module for _, module in chain[i + 1 :]]
+            if e is None:
+                c = torch.zeros_like(zs[-1])
+            elif rest:
 
-                def g(t: torch.Tensor, i=i, f=f, z_in=z_in) -> torch.Tensor:
-                    return rho(i + 1, f(rho(i, z_in, t)), -t)
+                def tail(z: torch.Tensor, rest=rest) -> tuple[torch.Tensor]:
+                    for module in rest:
+                        z = module(z)
+                    return (z,)
 
-                _, e = torch.autograd.functional.jvp(g, t0, ones, strict=False)
-                rest = [module for _, module in chain[i + 1 :]]
-                if rest:
-
-                    def tail(z: torch.Tensor, rest=rest) -> torch.Tensor:
-                        for module in rest:
-                            z = module(z)
-                        return z
-
-                    _, c = torch.autograd.functional.jvp(tail, zs[i + 1], e.detach(), strict=False)
-                else:
-                    c = e
-                contributions.append(c.detach())
+                _, (c,) = _forward_product(model, tail, zs[i + 1], e)
+            else:
+                c = e
+            contributions.append(c.detach())
+            incoming = outgoing
     finally:
         model.train(was_training)
     stacked = torch.stack(contributions)
@@ -604,7 +1124,7 @@ def feature_map_layers(model: nn.Module, sample: torch.Tensor) -> list[str]:
 
         return record
 
-    handles = [resolve_layer(model, n).register_forward_hook(hook(n)) for n in names]
+    handles = [register_layer_hook(model, n, hook(n)) for n in names]
     try:
         with torch.inference_mode():
             model(sample)
@@ -617,9 +1137,10 @@ def feature_map_layers(model: nn.Module, sample: torch.Tensor) -> list[str]:
 class LEEAnalysis(Analysis):
     """Gruver et al.'s local equivariance error of a classifier, on the engine.
 
-    Parts: one per (transform, batch) (``lee-<k>-<batch>``), each one jvp (double
-    backward) per chunk of at most ``ctx.forward_batch`` images, giving the logits'
-    Lie derivative and every chosen layer's own equivariance error in the same pass.
+    Parts: one per (transform, batch) (``lee-<k>-<batch>``), each one forward-mode
+    product (the direct t = 0 tangent pushed through the model) per chunk of at most
+    ``ctx.forward_batch`` images, giving the logits' Lie derivative and every chosen
+    layer's own equivariance error in the same pass.
 
     Tables: ``lee`` (``transform, index, label, pred, lee, lee_abs, lee_prob_abs``: per
     image; ``lee`` = squared l2 norm of ``L f(x)`` over the logits, ``lee_abs`` = its l1
@@ -631,7 +1152,7 @@ class LEEAnalysis(Analysis):
     contribution, share``: Gruver et al.'s additive decomposition of ``L f(x)`` over the
     layers of a chain, ``contribution = ||c_i||^2`` over the logits and the signed
     ``share = <c_i, L f(x)> / ||L f(x)||^2``; see the module docstring). Units are per
-    unit of t (see the module docstring and the ``transforms`` table).
+    unit of t (see the module docstring and the ``transforms`` table; ``units``).
 
     Args:
         transforms: registered continuous transformation names (default translate_x,
@@ -642,10 +1163,15 @@ class LEEAnalysis(Analysis):
             (:func:`model_chain`), skipped with a warning (and a note in the summary) for
             other models; ``True`` asks for it (an error for a model that is not a
             chain); ``False`` skips it.
+        units: ``"invariscope"`` (default: pixel, degree, log-scale...) or ``"gruver"``
+            (Gruver et al.'s units, so that ``lee_prob_abs`` is their published number;
+            see :func:`unit_scale`).
     """
 
     name = "lee"
-    version = 2  # 2: lee_contrib, lee_contrib_mean
+    # 2: lee_contrib, lee_contrib_mean; 3: direct t = 0 tangent (the forward-difference
+    # convention exact in every dtype and size), units
+    version = 3
     grad = True
     part_tables = PART_TABLES
     aggregate_tables = AGGREGATE_TABLES
@@ -655,7 +1181,9 @@ class LEEAnalysis(Analysis):
         transforms: str | Sequence[str] = ("translate_x", "rotation"),
         layers: Sequence[str] | None = None,
         decompose: bool | None = None,
+        units: str = "invariscope",
     ) -> None:
+        self.units = _check_units(units)
         if isinstance(transforms, str):
             transforms = [t.strip() for t in transforms.split(",") if t.strip()]
         names = [str(t) for t in transforms]
@@ -698,6 +1226,8 @@ class LEEAnalysis(Analysis):
         self._check_chain(model)
         x, _ = ctx.datasets["data"][int(ctx.indices["data"][0])]
         x = torch.as_tensor(x)[None].to(ctx.device)
+        for family in self.families:  # e.g. units='gruver' rotation needs square images
+            unit_scale(family, x.shape[-2], x.shape[-1], self.units)
         if self.layers is None:
             self.resolved_layers = feature_map_layers(model, x)
             return
@@ -716,7 +1246,7 @@ class LEEAnalysis(Analysis):
 
                 return record
 
-            handles = [resolve_layer(model, n).register_forward_hook(hook(n)) for n in self.layers]
+            handles = [register_layer_hook(model, n, hook(n)) for n in self.layers]
             try:
                 with torch.inference_mode():
                     model(x)
@@ -734,7 +1264,8 @@ class LEEAnalysis(Analysis):
     def config(self) -> dict[str, Any]:
         return {
             "transforms": self.transform_names,
-            "units": {f.name: f.unit for f in self.families},
+            "units": {f.name: unit_name(f, self.units) for f in self.families},
+            "unit_system": self.units,
             "layers": self._layers(),
             "layers_default": self.layers is None,
             "decompose": self.decompose,
@@ -765,7 +1296,7 @@ class LEEAnalysis(Analysis):
         per_contrib: list[pd.DataFrame] = []
         for start in range(0, n, step):
             sl = slice(start, min(n, start + step))
-            d = lie_derivatives(model, batch.x[sl], family, layers=layers)
+            d = lie_derivatives(model, batch.x[sl], family, layers=layers, units=self.units)
             index = batch.index[sl].cpu().numpy().astype(np.int64)
             values = _per_image(d)
             images.append(
@@ -796,7 +1327,8 @@ class LEEAnalysis(Analysis):
                     )
                 )
             if self.chain:
-                contrib, share = _contribution_values(lie_contributions(model, batch.x[sl], family))
+                parts = lie_contributions(model, batch.x[sl], family, units=self.units)
+                contrib, share = _contribution_values(parts)
                 for order, layer in enumerate(self.chain):
                     per_contrib.append(
                         pd.DataFrame(
@@ -823,7 +1355,7 @@ class LEEAnalysis(Analysis):
     def aggregate(self, ctx) -> dict[str, pd.DataFrame]:
         r = ctx.results
         names = ctx.classes["data"]
-        units = {f.name: f.unit for f in self.families}
+        units = {f.name: unit_name(f, self.units) for f in self.families}
         per_image = r.read_table("lee")
         rank = {name: i for i, name in enumerate(self.transform_names)}
         per_image = per_image.sort_values(
@@ -834,7 +1366,7 @@ class LEEAnalysis(Analysis):
             "transforms": pd.DataFrame(
                 {
                     "transform": self.transform_names,
-                    "unit": [f.unit for f in self.families],
+                    "unit": [units[f.name] for f in self.families],
                     "magnitude": [f.magnitude_text for f in self.families],
                 }
             ),
@@ -917,6 +1449,7 @@ def lie_derivative(
     out: str | Path | None = None,
     overwrite: bool = False,
     figures: bool | None = False,
+    units: str = "invariscope",
     **engine: Any,
 ) -> LEEResult:
     """The local equivariance error (LEE) of ``model`` on ``dataset``, in one call.
@@ -925,6 +1458,7 @@ def lie_derivative(
     under ``torchrun``). ``layers=None`` probes the model's 4-D layers, ``()`` none.
     ``decompose``: the layer-wise decomposition (``lee_contrib_mean``), as in
     :class:`LEEAnalysis` (default: for chains, skipped with a warning otherwise).
+    ``units``: ``"invariscope"`` (default) or ``"gruver"`` (:func:`unit_scale`).
 
     >>> from invariscope.data import create_dataset
     >>> from invariscope.models import create_model
@@ -933,7 +1467,7 @@ def lie_derivative(
     >>> r.summary[["transform", "unit", "n"]].values.tolist()
     [['rotation', 'degree', 4]]
     """
-    analysis = LEEAnalysis(transforms, layers=layers, decompose=decompose)
+    analysis = LEEAnalysis(transforms, layers=layers, decompose=decompose, units=units)
     result = run_analysis(
         analysis,
         {"model": model},
