@@ -11,10 +11,14 @@ def test_demo_trains_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
     assert run(argv) == 0
     first = capsys.readouterr().out
     stages = ["[sweep]", "[worst_case]", "[shift]", "[stitch]", "[lee]", "[stn_benchmark]"]
-    stages += ["[alignment]", "[equivariance]", "[itn]", "[report]"]
+    stages += ["[alignment]", "[equivariance]", "[itn]", "[real]", "[report]"]
     for stage in stages:
         assert stage in first
     assert "trained for 1 epochs" in first
+    # the real-model stage: a pretrained ImageNet model on real photos, with the photo figure
+    real = next(line for line in first.splitlines() if line.startswith("[real]"))
+    assert "1-px crop shifts change the top-1 with P = " in real
+    assert (tmp_path / "out" / "real" / "photos.png").stat().st_size > 10_000
     cached = list((tmp_path / "cache" / "models").glob("simple-cnn_digits_*.pt"))
     assert len(cached) == 2  # the demo model and the seed-1 network the stitch stage compares
     assert run([*argv, "--stages", "sweep,shift"]) == 0  # the cached models, two stages

@@ -393,7 +393,7 @@ def real_model_stage(ctx: DemoContext) -> str:
         photos,
         ["rotation", "zoom"],
         {"rotation": (-45, 45, 15), "zoom": (0.5, 2.0, 0.25)},
-        images=min(40, len(photos)),
+        images=min(24, len(photos)),
         out=out / "sweep",
         **options,
     )
@@ -404,7 +404,7 @@ def real_model_stage(ctx: DemoContext) -> str:
         steps=8,
         consistency_pairs=2,
         layers=(),
-        images=min(40, len(photos)),
+        images=min(24, len(photos)),
         out=out / "shift",
         **options,
     )
@@ -412,7 +412,7 @@ def real_model_stage(ctx: DemoContext) -> str:
         model,
         photos,
         ["translate_x", "rotation", "zoom"],
-        images=min(16, len(photos)),
+        images=min(8, len(photos)),
         out=out / "lee",
         **options,
     )
