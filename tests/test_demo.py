@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from invariscope.cli import run
 
 
 def test_demo_trains_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("INVARISCOPE_CACHE", str(tmp_path / "cache"))
     argv = ["demo", "--out", str(tmp_path / "out"), "--epochs", "1", "--no-progress"]
-    assert run(argv) == 0
+    analyses = "sweep,worst_case,shift,stitch,lee,stn_benchmark,alignment,equivariance,itn"
+    assert run([*argv, "--stages", analyses]) == 0  # the real stage: its own test below
     first = capsys.readouterr().out
     stages = ["[sweep]", "[worst_case]", "[shift]", "[stitch]", "[lee]", "[stn_benchmark]"]
-    stages += ["[alignment]", "[equivariance]", "[itn]", "[real]", "[report]"]
+    stages += ["[alignment]", "[equivariance]", "[itn]", "[report]"]
     for stage in stages:
         assert stage in first
     assert "trained for 1 epochs" in first
-    # the real-model stage: a pretrained ImageNet model on real photos, with the photo figure
-    real = next(line for line in first.splitlines() if line.startswith("[real]"))
-    assert "1-px crop shifts change the top-1 with P = " in real
-    assert (tmp_path / "out" / "real" / "photos.png").stat().st_size > 10_000
     cached = list((tmp_path / "cache" / "models").glob("simple-cnn_digits_*.pt"))
     assert len(cached) == 2  # the demo model and the seed-1 network the stitch stage compares
     assert run([*argv, "--stages", "sweep,shift"]) == 0  # the cached models, two stages
@@ -49,3 +49,17 @@ def test_demo_trains_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
     assert len(list((tmp_path / "cache" / "models").glob("simple-cnn_digits_*.pt"))) == 3
     assert run([*argv, "--stages", "nonsense"]) == 2
     assert "unknown demo stage 'nonsense'" in capsys.readouterr().err
+
+
+def test_demo_real_stage_runs_a_pretrained_model_on_photos(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from invariscope.demo import DemoContext, demo_stages, real_model_stage
+
+    assert [name for name, _ in demo_stages()][-1] == "real"
+    ctx = DemoContext(None, None, None, tmp_path, torch.device("cpu"), 0.0)
+    ctx.notes["photo_images"] = 6
+    line = real_model_stage(ctx)
+    assert "6 crops of 7 photos" in line and "1-px crop shifts change the top-1 with P = " in line
+    assert (tmp_path / "real" / "photos.png").stat().st_size > 10_000
+    for run_name in ("sweep", "shift", "lee"):
+        assert (tmp_path / "real" / run_name / "config.json").is_file()

@@ -372,7 +372,9 @@ def real_model_stage(ctx: DemoContext) -> str:
     matplotlib, as 224 px crops). A rotation and zoom sweep, Azulay & Weiss's 1-pixel crop
     shifts (how often does a 1-px shift change the top-1?) and the LEE, into ``out/real``,
     plus ``real/photos.png``: each photo's centre crop with the top-1 before and after a
-    1-pixel shift. Skipped with a note when the ``pretrained`` extra is not installed."""
+    1-pixel shift. ``ctx.notes["photo_images"]`` (default 24) crops are measured (a third
+    of them for the LEE). Skipped with a note when the ``pretrained`` extra is not
+    installed."""
     from invariscope.data import create_dataset
     from invariscope.data.photos import PHOTOS
     from invariscope.measure.lee import lie_derivative
@@ -386,6 +388,7 @@ def real_model_stage(ctx: DemoContext) -> str:
     except InvariscopeError as err:
         return f"skipped: {err}"
     photos = create_dataset("photos", "test")
+    n = min(int(ctx.notes.get("photo_images", 24)), len(photos))
     out = ctx.out_dir / "real"
     options = {k: v for k, v in ctx.run_options("real").items() if k != "out"}
     swept = sweep(
@@ -393,7 +396,7 @@ def real_model_stage(ctx: DemoContext) -> str:
         photos,
         ["rotation", "zoom"],
         {"rotation": (-45, 45, 15), "zoom": (0.5, 2.0, 0.25)},
-        images=min(24, len(photos)),
+        images=n,
         out=out / "sweep",
         **options,
     )
@@ -404,7 +407,7 @@ def real_model_stage(ctx: DemoContext) -> str:
         steps=8,
         consistency_pairs=2,
         layers=(),
-        images=min(24, len(photos)),
+        images=n,
         out=out / "shift",
         **options,
     )
@@ -412,7 +415,7 @@ def real_model_stage(ctx: DemoContext) -> str:
         model,
         photos,
         ["translate_x", "rotation", "zoom"],
-        images=min(8, len(photos)),
+        images=max(1, n // 3),
         out=out / "lee",
         **options,
     )
@@ -429,11 +432,11 @@ def real_model_stage(ctx: DemoContext) -> str:
     for k, row in enumerate(centre.itertuples()):
         label = int(photos[int(centre.index[k])][1])
         a, b = int(p0[k].argmax()), int(p1[k].argmax())
-        flip = "" if a == b else "  <- 1 px changes it"
+        flip = " (changed)" if a != b else ""
         titles.append(
-            f"{row.photo} (label: {names[label][:18]})\n"
-            f"top-1 {names[a][:18]} {float(p0[k, a]):.2f}\n"
-            f"1 px right (edge copied): {names[b][:14]} {float(p1[k, b]):.2f}{flip}"
+            f"{row.photo}: label {names[label][:20]}\n"
+            f"top-1 {names[a][:20]} {float(p0[k, a]):.2f}\n"
+            f"1 px right: {names[b][:20]} {float(p1[k, b]):.2f}{flip}"
         )
     grid = plot_photo_grid(
         x.permute(0, 2, 3, 1).cpu().numpy(),

@@ -31,15 +31,16 @@ def plot_photo_grid(
     n = len(images)
     columns = max(1, min(columns, n))
     rows = int(np.ceil(n / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(3.0 * columns, 3.7 * rows), squeeze=False, layout="constrained"
+    )
     for ax in axes.ravel():
         ax.axis("off")
     for ax, image, title in zip(axes.ravel(), images, titles, strict=False):
         ax.imshow(np.clip(image, 0.0, 1.0))
-        ax.set_title(title, fontsize=7.5)
+        ax.set_title(title, fontsize=7.5, linespacing=1.3)
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
