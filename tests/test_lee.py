@@ -762,8 +762,8 @@ def test_gruver_unit_scales_by_hand():
     assert unit_scale("contrast", 9, 9, "gruver") == 1.0
     assert unit_scale("brightness", 9, 9, "gruver") == 1.0
     assert unit_scale("translate_x", 28, 28) == 1.0
-    assert unit_name("rotation", "gruver").startswith("Gruver: radian")
-    assert "no Gruver counterpart" in unit_name("brightness", "gruver")
+    assert unit_name("rotation", "gruver") == "Gruver radian, clockwise"
+    assert unit_name("brightness", "gruver") == "intensity (not Gruver's)"
     with pytest.raises(InvariscopeError, match="square"):
         unit_scale("rotation", 28, 30, "gruver")
     with pytest.raises(InvariscopeError, match="units 'pixels'"):
@@ -806,7 +806,7 @@ def test_units_in_the_analysis_and_its_tables(digits):
     kw = dict(images=4, batch_size=4, progress=False, figures=False, layers=(), decompose=False)
     ours = lie_derivative(model, digits, "translate_x", **kw)
     theirs = lie_derivative(model, digits, "translate_x", units="gruver", **kw)
-    assert theirs.summary["unit"].tolist() == ["Gruver: normalised x ((W-1)/2 px, leftward)"]
+    assert theirs.summary["unit"].tolist() == ["Gruver (W-1)/2 px, leftward"]
     assert theirs.tables["transforms"]["unit"].tolist() == theirs.summary["unit"].tolist()
     scale = 13.5**2  # (W - 1) / 2 for W = 28, squared
     assert float(theirs.summary["lee"].iloc[0]) == pytest.approx(
@@ -897,7 +897,7 @@ def test_cli_units_gruver(checkpoint, tmp_path, capsys):
     argv += ["--layers", "none", "--images", "4", "--no-progress", "--no-figures"]
     assert cli([*argv, "--units", "gruver", "--out", str(tmp_path / "g")]) == 0
     text = capsys.readouterr().out
-    assert "Gruver: normalised x" in text and "LEE (prob)" in text
+    assert "Gruver (W-1)/2 px" in text and "LEE (prob)" in text
     assert cli([*argv, "--units", "metres", "--out", str(tmp_path / "bad")]) != 0
     assert "metres" in capsys.readouterr().err
 

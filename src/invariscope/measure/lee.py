@@ -370,24 +370,29 @@ def lie_family(name: str) -> LieFamily:
 
 
 def _flow_tangent(images: torch.Tensor, generator: torch.Tensor) -> torch.Tensor:
-    """``-(v_x D_x I + v_y D_y I)``: the t = 0 tangent of warping ``images`` ``[B, C, h, w]``
-    along the vector field ``v(p) = generator @ (p, 1)`` (pixel coordinates), with ``D``
-    the forward difference and zeros outside. The field is built in float64 and cast."""
+    """``-(u_x D_x I + u_y D_y I)``: the t = 0 tangent of warping ``images`` ``[B, C, h, w]``
+    along the vector field ``u(p) = generator @ (p, 1)`` (pixel coordinates), with ``D``
+    the forward difference and zeros outside. The field is built in float64 and cast;
+    the difference is taken first (exact for close neighbours), then scaled."""
     h, w = images.shape[-2:]
     a = generator.tolist()
     xs = torch.arange(w, dtype=torch.float64)
     ys = torch.arange(h, dtype=torch.float64)
-    out = torch.zeros_like(images)
+    out = None
     for row, axis in ((a[0], -1), (a[1], -2)):
         if row == [0.0, 0.0, 0.0]:
             continue
         field = row[0] * xs[None, :] + row[1] * ys[:, None] + row[2]
         field = field.to(dtype=images.dtype, device=images.device)
-        pad = (0, 1) if axis == -1 else (0, 0, 0, 1)
-        ahead = images[..., 1:] if axis == -1 else images[..., 1:, :]
-        diff = F.pad(ahead, pad) - images  # I(p + 1) - I(p), zero outside
-        out = out.addcmul(field, diff, value=-1.0)
-    return out
+        minus = torch.empty_like(images)  # -D I = I(p) - I(p + 1); I(p) on the last one
+        if axis == -1:
+            torch.sub(images[..., :-1], images[..., 1:], out=minus[..., :-1])
+            minus[..., -1] = images[..., -1]
+        else:
+            torch.sub(images[..., :-1, :], images[..., 1:, :], out=minus[..., :-1, :])
+            minus[..., -1, :] = images[..., -1, :]
+        out = minus.mul_(field) if out is None else out.addcmul_(minus, field)
+    return torch.zeros_like(images) if out is None else out
 
 
 # ------------------------------------------------------------------------------ units
@@ -401,20 +406,20 @@ UNIT_SYSTEMS = ("invariscope", "gruver")
 # (H - 1) / 2 along y). Per family: the unit's name and d t_invariscope / d t_gruver.
 _GRUVER: dict[str, tuple[str, Callable[[int, int], float]]] = {
     # theta[0, 2] = t samples x + t: the content moves LEFT by t (W - 1) / 2 pixels
-    "translate_x": ("normalised x ((W-1)/2 px, leftward)", lambda H, W: -(W - 1) / 2.0),
-    "translate_y": ("normalised y ((H-1)/2 px, upward)", lambda H, W: -(H - 1) / 2.0),
+    "translate_x": ("(W-1)/2 px, leftward", lambda H, W: -(W - 1) / 2.0),
+    "translate_y": ("(H-1)/2 px, upward", lambda H, W: -(H - 1) / 2.0),
     # theta = [[cos, sin], [-sin, cos]] samples R p: the content turns clockwise (y down)
-    "rotation": ("radian (clockwise)", lambda H, W: -180.0 / math.pi),
+    "rotation": ("radian, clockwise", lambda H, W: -180.0 / math.pi),
     # theta[0, 1] = t samples x + t y (normalised): x' = x - t (W - 1) / (H - 1) y in pixels
-    "shear_x": ("normalised shear (sign flipped)", lambda H, W: -(W - 1) / (H - 1)),
-    "shear_y": ("normalised shear (sign flipped)", lambda H, W: -(H - 1) / (W - 1)),
+    "shear_x": ("shear, flipped", lambda H, W: -(W - 1) / (H - 1)),
+    "shear_y": ("shear, flipped", lambda H, W: -(H - 1) / (W - 1)),
     # stretch: theta[0, 0] = 1 + s samples (1 + s) x: magnification 1 / (1 + s)
-    "scale_x": ("stretch s (grid x (1 + s))", lambda H, W: -1.0),
-    "scale_y": ("stretch s (grid x (1 + s))", lambda H, W: -1.0),
+    "scale_x": ("stretch", lambda H, W: -1.0),
+    "scale_y": ("stretch", lambda H, W: -1.0),
     # scale: theta = (1 - s) I: magnification 1 / (1 - s)
-    "zoom": ("scale s (grid x (1 - s))", lambda H, W: 1.0),
+    "zoom": ("scale", lambda H, W: 1.0),
     # saturate: (1 + s) I
-    "contrast": ("saturation s ((1 + s) I)", lambda H, W: 1.0),
+    "contrast": ("saturation", lambda H, W: 1.0),
 }
 
 
@@ -433,7 +438,7 @@ def unit_name(transform: str | LieFamily, units: str = "invariscope") -> str:
     if _check_units(units) == "invariscope":
         return family.unit
     known = _GRUVER.get(family.name)
-    return f"Gruver: {known[0]}" if known else f"{family.unit} (no Gruver counterpart)"
+    return f"Gruver {known[0]}" if known else f"{family.unit} (not Gruver's)"
 
 
 def unit_scale(transform: str | LieFamily, H: int, W: int, units: str = "invariscope") -> float:
@@ -581,6 +586,12 @@ class _LinearRules(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        try:
+            handled = func in _HANDLED
+        except TypeError:  # an unhashable callable: not one of ours
+            handled = False
+        if not handled:
+            return func(*args, **kwargs)
         if func in _LINEAR_OPS:
             inputs = _argument(args, kwargs, 0, "input")
             weight, bias = _argument(args, kwargs, 1, "weight"), _argument(args, kwargs, 2, "bias")
@@ -660,6 +671,7 @@ class _LinearRules(TorchFunctionMode):
 
 _BN_ARGS = ("running_mean", "running_var", "weight", "bias")
 _IN_PLACE_ADDS = frozenset({torch.Tensor.add_, torch.Tensor.__iadd__})
+_HANDLED = _LINEAR_OPS | _IN_PLACE_ADDS | {F.batch_norm, F.relu, F.hardtanh}
 
 
 def _forward_ad(fn, x: torch.Tensor, v: torch.Tensor):
