@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test browser demo lint format bench clean
+.PHONY: test browser demo lint format bench bench-gpu clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_224.py
 	$(PY) benchmarks/bench_shift.py
 	$(PY) benchmarks/bench_equivariance.py
+	$(PY) benchmarks/bench_lee.py
+	$(PY) benchmarks/bench_zoo.py
+
+# every analysis on CUDA against a CPU run of the same work (needs a GPU; under 5 minutes on one H100)
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist src/*.egg-info
