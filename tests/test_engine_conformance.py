@@ -330,5 +330,10 @@ def test_unknown_class_and_a_model_that_does_not_fit_are_refused(
     assert "unknown class 'eleven'" in err
     rgb = tmp_path / "rgb.pt"  # a 3-channel 32 px model on 1-channel 28 px digits
     save_checkpoint(create_model("small-vgg"), rgb)
+    if entry.name == "stn_benchmark":
+        # --model names only the base ARCHITECTURE there: it is rebuilt for the data's
+        # channels and size (an RGB family trained on a digit set), so it fits
+        assert run([*argv, "--model", str(rgb), "--no-figures", "--no-progress"]) == 0
+        return
     err = _refused([*argv, "--model", str(rgb)], capsys, out)
     assert "3 channel" in err or "instead of 3" in err
