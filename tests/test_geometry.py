@@ -176,3 +176,21 @@ def test_residual_default_probes_are_block_outputs():
     assert names[:2] == ["net.conv1", "net.bn1"]
     assert "net.layer1.0" in names and "net.layer4.0" in names
     assert not any(n.count(".") > 2 for n in names)  # nothing inside a block
+
+
+def test_lee_per_layer_reads_the_named_call_of_a_reused_module():
+    from invariscope.measure.lee import lie_derivatives
+
+    torch.manual_seed(0)
+    model = Classifier(_SharedReLU(), input_size=(1, 8, 8), num_classes=3).double().eval()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    d = lie_derivatives(model, x, "brightness", layers=["relu:0", "relu:1"])
+    with torch.no_grad():
+        _, acts = capture_activations(model, x, ["relu:0", "relu:1"])
+        h = 1e-6
+        _, up = capture_activations(model, x + h, ["relu:1"])
+        _, down = capture_activations(model, x - h, ["relu:1"])
+    for name in ("relu:0", "relu:1"):
+        torch.testing.assert_close(d.layers[name][1], acts[name])
+    # brightness acts trivially on maps: the layer's error is d/dt of its own output
+    torch.testing.assert_close(d.layers["relu:1"][0], (up["relu:1"] - down["relu:1"]) / (2 * h))

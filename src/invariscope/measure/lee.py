@@ -788,23 +788,9 @@ def lie_derivatives(
     def g(inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         captured.clear()
         logits = model(inputs)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            raise InvariscopeError(
-                f"the model must return logits [B, K], got {getattr(logits, 'shape', type(logits))}"
-            )
-        maps = []
-        for n in names:
-            a = captured.get(n)
-            if not isinstance(a, torch.Tensor) or a.dim() != 4:
-                shape = list(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-                raise InvariscopeError(
-                    f"layer '{n}' has no 4-D feature map output (got {shape}); pick layers "
-                    "whose output is [B, C, H, W], or --layers none"
-                )
-            maps.append(a)
-        return (logits, *maps)
+        return (logits, *_checked_maps(logits, captured, names))
 
-    handles = [resolve_layer(model, n).register_forward_hook(hook(n)) for n in names]
+    handles = [register_layer_hook(model, n, hook(n)) for n in names]
     was_training = model.training
     model.eval()
     try:
@@ -822,6 +808,26 @@ def lie_derivatives(
         own = family.map_tangent(act, H, W)
         maps[n] = (jv if own is None else jv - own * scale, act)
     return LieDerivatives(logits=out[0], tangent=tan[0], layers=maps)
+
+
+def _checked_maps(logits: Any, captured: dict[str, Any], names: Sequence[str]) -> list:
+    """The captured 4-D maps of ``names`` in order, after checking that the model gave
+    logits ``[B, K]`` and every layer a ``[B, C, H, W]`` map (one-line errors otherwise)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise InvariscopeError(
+            f"the model must return logits [B, K], got {getattr(logits, 'shape', type(logits))}"
+        )
+    maps = []
+    for n in names:
+        a = captured.get(n)
+        if not isinstance(a, torch.Tensor) or a.dim() != 4:
+            shape = list(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+            raise InvariscopeError(
+                f"layer '{n}' has no 4-D feature map output (got {shape}); pick layers "
+                "whose output is [B, C, H, W], or --layers none"
+            )
+        maps.append(a)
+    return maps
 
 
 def _warp_lie_derivatives(
@@ -847,7 +853,7 @@ def _warp_lie_derivatives(
 
         return record
 
-    handles = [resolve_layer(model, n).register_forward_hook(hook(n)) for n in names]
+    handles = [register_layer_hook(model, n, hook(n)) for n in names]
     was_training = model.training
     model.eval()
     x = images.detach()
@@ -857,21 +863,8 @@ def _warp_lie_derivatives(
         captured.clear()
         s = t + base
         logits = model(family.apply(x, s))
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            raise InvariscopeError(
-                f"the model must return logits [B, K], got {getattr(logits, 'shape', type(logits))}"
-            )
-        maps = []
-        for n in names:
-            a = captured.get(n)
-            if not isinstance(a, torch.Tensor) or a.dim() != 4:
-                shape = list(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-                raise InvariscopeError(
-                    f"layer '{n}' has no 4-D feature map output (got {shape}); pick layers "
-                    "whose output is [B, C, H, W], or --layers none"
-                )
-            maps.append(family.act_on_map(a, -s, H, W))
-        return (logits, *maps)
+        maps = _checked_maps(logits, captured, names)
+        return (logits, *(family.act_on_map(a, -s, H, W) for a in maps))
 
     try:
         with torch.enable_grad():
