@@ -4,11 +4,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test browser demo lint format bench bench-gpu clean
+.PHONY: test browser demo docs docs-figures lint format bench bench-gpu clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,pretrained]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,pretrained,docs]"
 	@touch $(STAMP)
 
 test: $(STAMP) browser
@@ -32,6 +32,15 @@ browser:
 demo: $(STAMP)
 	$(VENV)/bin/invariscope demo
 
+# the documentation site (mkdocs.yml, docs/), offline, into site/; any warning fails it
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# regenerate the demo figures of docs/ from a fresh demo run (minutes; not in CI);
+# REPRO=1 also reruns the paper reproductions behind the pages' other figures (about an hour)
+docs-figures: $(STAMP)
+	$(PY) benchmarks/docs_figures.py $(if $(REPRO),--repro)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
@@ -54,4 +63,4 @@ bench-gpu: $(STAMP)
 	$(PY) benchmarks/bench_gpu.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build dist src/*.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist site src/*.egg-info

@@ -136,7 +136,7 @@ def main() -> None:
             model,
             Frames(),
             "circular",
-            steps=steps,
+            frames=steps,
             consistency_pairs=0,
             batch_size=images,
             forward_batch=bs,

@@ -94,7 +94,7 @@ def main() -> None:
             train_set,
             layers_a=cnn_layers,
             layers_b=layers_b,
-            steps=steps,
+            train_steps=steps,
             images=images,
             labels={"model": "simple-cnn seed 0", "model_b": label},
             out=args.out / f"stitch-{name}",

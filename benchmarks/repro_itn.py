@@ -93,7 +93,7 @@ def main() -> None:
             model,
             test_set,
             train_set,
-            steps=steps,
+            train_steps=steps,
             save_every=max(1, steps // 4),
             lr=args.lr,
             c_theta=c,

@@ -98,7 +98,7 @@ def main() -> None:
             test_set,
             ["embed", "crop", "circular"],
             baseline=models["max-pool"],
-            steps=12,
+            frames=12,
             images=images,
             labels={"model": method, "baseline": "max-pool"},
             out=args.out / f"shift-{method}",

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         command.append("--quick")
     if args.steps is not None:
-        command += ["--steps", str(args.steps)]
+        command += ["--train-steps", str(args.steps)]
     command += extra
     status = run(command)
     if status:

@@ -384,7 +384,7 @@ def test_bad_input_gives_one_line_errors():
 @pytest.fixture(scope="module")
 def digits_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("aa") / "cnn.pt"
-    argv = ["train", "--data", "digits", "--epochs", "1", "--size", "384", "--no-progress"]
+    argv = ["train", "--data", "digits", "--epochs", "1", "--train-images", "384", "--no-progress"]
     assert run([*argv, "--out", str(path)]) == 0
     return path
 
@@ -411,7 +411,7 @@ def test_cli_converts_and_fine_tunes(digits_checkpoint, tmp_path, capsys):
     capsys.readouterr()
     out = tmp_path / "aps.pt"
     argv = ["antialias", "--model", str(digits_checkpoint), "--method", "aps"]
-    argv += ["--finetune-epochs", "1", "--data", "digits", "--size", "256", "--no-progress"]
+    argv += ["--finetune-epochs", "1", "--data", "digits", "--train-images", "256", "--no-progress"]
     assert run([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out.strip()
     model, meta = load_checkpoint(out)

@@ -337,3 +337,30 @@ def test_unknown_class_and_a_model_that_does_not_fit_are_refused(
         return
     err = _refused([*argv, "--model", str(rgb)], capsys, out)
     assert "3 channel" in err or "instead of 3" in err
+
+
+def test_every_analysis_presents_its_run_with_a_headline_and_pivoted_tables(reference):
+    """The report's class methods, on the stored run: a headline of its own (with numbers),
+    tidy pivoted tables, a title; and the report renders the run with them."""
+    from invariscope.engine.analysis import Analysis
+    from invariscope.report import build_report
+
+    entry, run_dir, _ = reference
+    cls = entry.analysis
+    assert cls.headline.__func__ is not Analysis.headline.__func__, f"{entry.name}: no headline"
+    assert cls.pivots.__func__ is not Analysis.pivots.__func__, f"{entry.name}: no pivots"
+    store = RunStore.open(run_dir)
+    aggregates = {name: store.read_aggregate(name) for name in store.aggregates()}
+    headline = cls.headline(store.summary, aggregates, store.config)
+    assert isinstance(headline, str) and any(c.isdigit() for c in headline), headline
+    assert "\n" not in headline and "nan" not in headline.lower().split(), headline
+    pivots = cls.pivots(aggregates, store.config)
+    assert pivots, f"{entry.name}: no pivoted table"
+    for caption, table in pivots.items():
+        assert isinstance(table, pd.DataFrame) and table.shape[0] and table.shape[1], caption
+        assert table.columns.is_unique, (caption, list(table.columns))
+    assert cls.section_title(entry.title, store.config).startswith(entry.title)
+    index = build_report([run_dir], run_dir.parent / "report")
+    text = index.read_text(encoding="utf-8")
+    assert '<p class="headline">' in text and 'class="pivot"' in text
+    assert "could not be" not in text  # no presentation method failed

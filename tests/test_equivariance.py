@@ -225,7 +225,7 @@ def test_analysis_tables_match_direct_computation():
         train_images=40,
         stats_batch=20,
         transformation_layer="task",
-        steps=3,
+        train_steps=3,
         train_batch=8,
         images=list(range(12)),
         batch_size=6,

@@ -43,7 +43,7 @@ def test_bad_lr_is_one_line_naming_the_range(lr, tmp_path, capsys):
     [
         (["--epochs", "0"], "0 is not in the range x>=1"),
         (["--epochs", "-3"], "-3 is not in the range x>=1"),
-        (["--batch-size", "0"], "0 is not in the range x>=1"),
+        (["--train-batch", "0"], "0 is not in the range x>=1"),
         (["--threads", "0"], "0 is not in the range x>=1"),
     ],
 )
@@ -61,7 +61,7 @@ def test_train_api_refuses_bad_settings(digits_data):
         ({"lr": float("nan")}, "--lr must be a finite number > 0"),
         ({"lr": -1.0}, "--lr must be a finite number > 0"),
         ({"epochs": 0}, "--epochs must be an integer of at least 1"),
-        ({"batch_size": 0}, "--batch-size must be an integer of at least 1"),
+        ({"batch_size": 0}, "batch_size must be an integer of at least 1"),
         ({"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0"),
         ({"threads": 0}, "--threads must be an integer of at least 1"),
     ]:
@@ -98,7 +98,7 @@ def test_one_class_folder_is_refused(tmp_path, capsys):
 def test_out_refuses_to_overwrite_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     out = tmp_path / "notes.txt"
     out.write_text("my precious notes\n")
-    argv = ["train", "--data", "digits", "--size", "64", "--epochs", "1", "--no-progress"]
+    argv = ["train", "--data", "digits", "--train-images", "64", "--epochs", "1", "--no-progress"]
     assert run([*argv, "--out", str(out)]) == 2
     err = one_line_error(capsys)
     assert "exists and is not an invariscope checkpoint" in err and "new path" in err
@@ -125,8 +125,16 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_train_twice_gives_bit_identical_weights_under_cpu_load(tmp_path, capsys):
-    argv = ["train", "--data", "digits", "--size", "256", "--epochs", "2", "--no-progress"]
-    argv += ["--batch-size", "32", "--augment", "rotation=-20:20", "--threads", "2"]
+    argv = ["train", "--data", "digits", "--train-images", "256", "--epochs", "2"]
+    argv += [
+        "--no-progress",
+        "--train-batch",
+        "32",
+        "--augment",
+        "rotation=-20:20",
+        "--threads",
+        "2",
+    ]
     assert run([*argv, "--out", str(tmp_path / "a.pt")]) == 0
     # the second run competes with busy processes for the CPU
     busy = [

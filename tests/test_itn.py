@@ -132,7 +132,7 @@ def test_training_freezes_the_classifier_and_follows_the_switch_rule(trained_dig
         model,
         test_set,
         train_set,
-        steps=24,
+        train_steps=24,
         save_every=8,
         train_batch=16,
         lr=1e-2,
@@ -206,7 +206,7 @@ def learned(trained_digits, tmp_path_factory):
         model,
         test_set,
         train_set,
-        steps=150,
+        train_steps=150,
         save_every=75,
         lr=1e-2,
         c_theta=1e-3,  # on digits the colour term otherwise outgrows the spatial one

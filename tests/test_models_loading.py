@@ -430,12 +430,39 @@ def fake_torchvision(monkeypatch):
     return calls
 
 
-def test_torchvision_needs_local_weights(fake_torchvision):
-    with pytest.raises(InvariscopeError) as err:
-        load_model("torchvision:resnet_tiny")
-    msg = _one_line(err)
-    assert "cannot be downloaded offline" in msg and "--weights FILE" in msg
-    assert fake_torchvision == []  # nothing was even built
+def test_torchvision_without_weights_has_random_weights_and_says_so(fake_torchvision):
+    torch.manual_seed(3)
+    with pytest.warns(UserWarning, match=r"^torchvision:resnet_tiny has random weights") as rec:
+        model = load_model("torchvision:resnet_tiny", num_classes=5)
+    assert len(rec) == 1 and "(no weights=FILE given)" in str(rec[0].message)
+    assert fake_torchvision == [{"weights": None, "num_classes": 5}]  # never downloads
+    torch.manual_seed(3)
+    fresh = _Tiny(num_classes=5)  # the builder's own random initialisation
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(model.net.state_dict()[name], value)
+
+
+def test_torchvision_get_model_api_without_weights(fake_torchvision, monkeypatch, capsys):
+    """A torchvision that only lists models and builds them with ``get_model``; on the
+    command line the random-weights warning is one line on stderr."""
+    from invariscope.errors import command_line
+
+    tv_models = sys.modules["torchvision.models"]
+    built: list[str] = []
+
+    def get_model(name, **kwargs):
+        built.append(name)
+        return tv_models.resnet_tiny(**kwargs)
+
+    monkeypatch.setattr(tv_models, "list_models", lambda: ["resnet_tiny"], raising=False)
+    monkeypatch.setattr(tv_models, "get_model", get_model, raising=False)
+    with command_line():
+        model = load_model("torchvision:resnet_tiny", num_classes=3)
+    assert built == ["resnet_tiny"] and model.num_classes == 3
+    err = capsys.readouterr().err
+    assert err == (
+        "invariscope: warning: torchvision:resnet_tiny has random weights (no --weights given)\n"
+    )
 
 
 def test_torchvision_with_weights_file(fake_torchvision, tmp_path):
@@ -504,8 +531,15 @@ def test_broken_optional_package_is_reported_not_swallowed(monkeypatch, tmp_path
     with pytest.raises(InvariscopeError) as err:
         load_model("torchvision:resnet18", tmp_path / "w.pt")
     msg = _one_line(err)
-    assert "torchvision is installed but importing torchvision.models failed" in msg
+    assert "torchvision is installed but does not match torch" in msg
     assert "RuntimeError: operator torchvision::nms does not exist" in msg
+    assert "a CUDA wheel against a CPU torch" in msg
+    base = torch.__version__.partition("+")[0]
+    minor = int(base.split(".")[1])
+    assert f"torchvision 0.{minor + 15}, the one made for torch {base}" in msg
+    assert "from the same index as torch" in msg
+    assert "the built-in zoo name 'resnet18' (--model resnet18)" in msg
+    assert "invariscope[torchvision]" not in msg  # not the reinstall that broke it
     assert isinstance(err.value.__cause__, RuntimeError)
 
 
@@ -535,8 +569,9 @@ def test_timm_with_weights_file(fake_timm, tmp_path):
     torch.manual_seed(11)
     ref = _Tiny(num_classes=3).eval()
     torch.save({"state_dict": ref.state_dict()}, tmp_path / "timm.pth")
-    with pytest.raises(InvariscopeError, match="cannot be downloaded offline"):
-        load_model("timm:tiny_convnet")
+    with pytest.warns(UserWarning, match="timm:tiny_convnet has random weights"):
+        load_model("timm:tiny_convnet", num_classes=3)
+    fake_timm.clear()
     model = load_model("timm:tiny_convnet", tmp_path / "timm.pth", class_names=["x", "y", "z"])
     assert fake_timm == [{"name": "tiny_convnet", "pretrained": False, "num_classes": 3}]
     assert model.input_size == (3, 20, 20) and model.class_names == ["x", "y", "z"]

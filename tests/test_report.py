@@ -159,6 +159,64 @@ def mystery_run(path: Path) -> Path:
     )
 
 
+def alignment_means() -> pd.DataFrame:
+    """A hand-made ``alignment_mean`` table: two layers, two magnitudes per transformation.
+
+    rotation 90 and translate_x 2 are exact on the pixel grid (floor 0 at every layer);
+    rotation 90 has the largest error, yet 45 is the informative angle.
+    """
+    rows = []
+    values = {  # (transform, magnitude, method): (conv1, pool1)
+        ("translate_x", 1.0, "exact"): (0.0, 0.05),
+        ("translate_x", 1.0, "floor"): (0.0, 0.1),
+        ("translate_x", 2.0, "exact"): (0.0, 0.0),
+        ("translate_x", 2.0, "floor"): (0.0, 0.0),
+        ("rotation", 45.0, "exact"): (0.5, 0.3),
+        ("rotation", 45.0, "floor"): (0.1, 0.2),
+        ("rotation", 90.0, "exact"): (0.7, 0.6),
+        ("rotation", 90.0, "floor"): (0.0, 0.0),
+    }
+    units = {"translate_x": "pixel", "rotation": "degree"}
+    for (transform, magnitude, method), means in values.items():
+        for order, (layer, mean) in enumerate(zip(("conv1", "pool1"), means, strict=True)):
+            rows.append(
+                {
+                    "transform": transform,
+                    "unit": units[transform],
+                    "magnitude": magnitude,
+                    "layer": layer,
+                    "order": order,
+                    "method": method,
+                    "n": 4,
+                    "mean": mean,
+                    "low": mean - 0.01 * (order + 1) if mean else 0.0,
+                    "high": mean + 0.01 * (order + 1) if mean else 0.0,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def alignment_run(path: Path) -> Path:
+    """A finished run of the registered ``alignment`` analysis, written by hand."""
+    return make_run(
+        path,
+        "alignment",
+        {"alignment_mean": alignment_means()},
+        figures=("alignment_rotation",),
+        summary={"num_images": 4, "rotation": {"magnitude": 45.0, "unit": "degree"}},
+    )
+
+
+ALIGNMENT_HEADLINE = (
+    "Relative error of the inverse warp on the feature maps (4 images, mean with 95% "
+    "interval, worst layer), at the magnitude where it fails most: translate_x 1 pixel: up "
+    "to 0.05 [0.03, 0.07] (pool1) against an interpolation floor of at most 0.1; rotation 45 "
+    "degree: up to 0.5 [0.49, 0.51] (conv1) against an interpolation floor of at most 0.2. "
+    "Not headlined: translate_x 2 pixel; rotation 90 degree, exact on the pixel grid "
+    "(nothing is interpolated: the floor is 0)."
+)
+
+
 def register_documented() -> None:
     from invariscope.engine.registry import AnalysisEntry, register_analysis
 
@@ -262,14 +320,18 @@ def report(runs, tmp_path_factory):
     def boom(*args, **kwargs):
         raise AssertionError("the report loaded a model")
 
-    order = [runs["sweep"], runs["weird"], runs["mystery"], runs["documented"]]
+    # given out of order: the sections follow the registry (sweep first, a registered
+    # analysis outside the built-ins next, an unknown one last), one analysis's runs in
+    # the order given
+    given = [runs["mystery"], runs["sweep"], runs["documented"], runs["weird"]]
+    order = [runs["sweep"], runs["weird"], runs["documented"], runs["mystery"]]
     before = {str(d): _snapshot(d) for d in order}
     out = tmp_path_factory.mktemp("report") / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch, "load", boom)
         mp.setattr(invariscope.models, "load_model", boom)
         mp.setattr(invariscope.models.loading, "load_model", boom)
-        index = build_report(order, out)
+        index = build_report(given, out)
     assert {str(d): _snapshot(d) for d in order} == before, "the report wrote to a run"
     text = index.read_text(encoding="utf-8")
     return index, text, Page(text), order
@@ -311,7 +373,7 @@ def test_figures_are_copied_beside_the_page_and_referenced_relatively(report):
 
 def test_images_carry_their_display_size_from_the_png_dpi(report):
     _, _, page, order = report
-    sid = section_id(4, order[3])
+    sid = section_id(3, order[2])
     img = page.find("img", section=sid)[0]
     # 240x160 pixels at 150 dpi -> 154x102 CSS pixels (96 per inch)
     assert (img["width"], img["height"]) == ("154", "102")
@@ -319,7 +381,7 @@ def test_images_carry_their_display_size_from_the_png_dpi(report):
 
 def test_figures_follow_the_registered_order_then_sorted(report):
     _, _, page, order = report
-    srcs = [Path(a["src"]).stem for a in page.find("img", section=section_id(4, order[3]))]
+    srcs = [Path(a["src"]).stem for a in page.find("img", section=section_id(3, order[2]))]
     assert srcs == ["zeta", "alpha", "beta"]
 
 
@@ -329,7 +391,7 @@ def _tables(page: Page, sid: str) -> list[str]:
 
 def test_tables_of_a_registered_analysis_in_its_order(report):
     _, _, page, order = report
-    sid = section_id(4, order[3])
+    sid = section_id(3, order[2])
     assert _tables(page, sid) == ["second", "first"]
     words = page.section_text(sid)
     assert "Not stored in this run: absent." in words
@@ -358,7 +420,7 @@ def test_sweep_section_shows_its_aggregate_tables(report):
 
 def test_unknown_analysis_gets_a_generic_section(report):
     _, text, page, order = report
-    sid = section_id(3, order[2])
+    sid = section_id(4, order[3])
     words = page.section_text(sid)
     assert "does not know how to present this run" in words
     assert "unknown analysis 'mystery-analysis'" in words
@@ -368,7 +430,7 @@ def test_unknown_analysis_gets_a_generic_section(report):
 
 def test_long_tables_are_cut_and_arrays_shortened(report):
     _, text, page, order = report
-    sid = section_id(3, order[2])
+    sid = section_id(4, order[3])
     assert f"first {MAX_ROWS} of 150 rows" in page.section_text(sid)
     big = text.split('data-table="big"', 1)[1].split("</details>", 1)[0]
     assert big.count("<tr>") == MAX_ROWS + 1  # header + MAX_ROWS rows
@@ -396,7 +458,7 @@ def test_summary_configuration_hash_fingerprints_and_versions(report):
     assert "identity_accuracy" in words and "worst_case.worst_of_k" in words
     config = RunStore.open(order[0]).config
     assert html.escape(json.dumps(config, indent=2, sort_keys=True)) in text
-    mystery = page.section_text(section_id(3, order[2]))
+    mystery = page.section_text(section_id(4, order[3]))
     assert "nested.x 1.235" in mystery and "nested.missing –" in mystery
     footer = page.section_text(None)
     assert f"Generated by invariscope {__version__}" in footer
@@ -488,3 +550,189 @@ def test_short_values():
     assert _short(np.zeros((2, 3))) == "array 2×3"
     assert _short([[1, 2], [3]]) == "[[2 values], [1 value]]"
     assert _short(np.bool_(True)) == "true" and _short(b"abc") == "<3 bytes>"
+
+
+# ------------------------------------------------------------- headlines and pivots
+
+
+def test_alignment_headlines_the_informative_magnitude_not_the_on_grid_one():
+    from invariscope.measure.alignment import AlignmentAnalysis, informative_magnitude
+
+    table = alignment_means()
+    rot = table[table["transform"] == "rotation"]
+    # 90 deg has the largest error (0.65 mean over layers) but is exact on the pixel grid
+    magnitude, why = informative_magnitude(rot)
+    assert magnitude == 45.0 and "on the grid: 90" in why
+    # every magnitude on the grid: the largest error among them
+    grid_only = rot[rot["magnitude"] == 90.0]
+    assert informative_magnitude(grid_only)[0] == 90.0
+    summary = {"num_images": 4}
+    assert AlignmentAnalysis.headline(summary, {"alignment_mean": table}, {}) == ALIGNMENT_HEADLINE
+
+
+def test_alignment_pivot_is_layer_by_transformation():
+    from invariscope.measure.alignment import AlignmentAnalysis
+
+    pivots = AlignmentAnalysis.pivots({"alignment_mean": alignment_means()}, {})
+    exact = next(v for k, v in pivots.items() if k.startswith("Relative alignment error, exact"))
+    assert exact.index.name == "layer" and exact.index.tolist() == ["conv1", "pool1"]
+    assert exact.columns.tolist() == ["translate_x 1 pixel", "rotation 45 degree"]
+    assert exact.to_numpy().tolist() == [[0.0, 0.5], [0.05, 0.3]]
+    floor = next(v for k, v in pivots.items() if k.startswith("Interpolation floor"))
+    assert floor.to_numpy().tolist() == [[0.0, 0.1], [0.1, 0.2]]
+    every = next(v for k, v in pivots.items() if k.endswith("every magnitude"))
+    assert every.columns.tolist() == [
+        "translate_x 1 pixel",
+        "translate_x 2 pixel",
+        "rotation 45 degree",
+        "rotation 90 degree",
+    ]
+    assert every.loc["pool1"].tolist() == [0.05, 0.0, 0.3, 0.6]
+
+
+def _worst_case_table() -> pd.DataFrame:
+    settings = ["natural", "random", "worst_of_k", "grid"]
+    rows = [
+        {
+            "label": -1,
+            "setting": s,
+            "n": 10,
+            "accuracy": a,
+            "accuracy_low": a - 0.1,
+            "accuracy_high": min(1.0, a + 0.1),
+        }
+        for s, a in zip(settings, [0.9, 0.5, 0.2, 0.0], strict=True)
+    ]
+    rows += [
+        {"label": c, "setting": s, "n": 5, "accuracy": a, "accuracy_low": 0.0, "accuracy_high": 1.0}
+        for c, accs in ((0, [1.0, 0.6, 0.4, 0.0]), (1, [0.8, 0.4, 0.0, 0.0]))
+        for s, a in zip(settings, accs, strict=True)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_worst_case_headline_and_pivots_by_hand():
+    from invariscope.measure.worst_case import WorstCaseAnalysis
+
+    config = {
+        "worst_case": {"max_angle": 30.0, "max_shift": 3.0, "angles": 7, "shifts": 3, "k": 10}
+    }
+    aggregates = {
+        "worst_case_summary": _worst_case_table(),
+        "classes": pd.DataFrame({"label": [0, 1], "name": ["zero", "one"]}),
+    }
+    text = WorstCaseAnalysis.headline({"num_images": 10}, aggregates, config)
+    assert text == (
+        "Top-1 accuracy on 10 images within +-30 deg, +-3 px: natural 0.9 [0.8, 1], "
+        "random 0.5 [0.4, 0.6], worst-of-10 0.2 [0.1, 0.3], grid 0 [-0.1, 0.1] (95% "
+        "intervals). The worst rotation and shift per image costs 0.9 of accuracy against "
+        "the untransformed images."
+    )
+    title = WorstCaseAnalysis.section_title("Worst case", config)
+    assert title == "Worst case (+-30 deg, +-3 px, grid 7x3x3, k=10)"
+    pivots = WorstCaseAnalysis.pivots(aggregates, config)
+    per_class = pivots["Accuracy per class and setting (fraction correct)"]
+    assert per_class.index.tolist() == ["zero", "one"]
+    assert per_class.columns.tolist() == [
+        "natural accuracy",
+        "random accuracy",
+        "worst-of-k accuracy",
+        "grid accuracy",
+    ]
+    assert per_class.to_numpy().tolist() == [[1.0, 0.6, 0.4, 0.0], [0.8, 0.4, 0.0, 0.0]]
+    settings = pivots["Accuracy under the worst-case search"]
+    assert settings["accuracy (fraction correct)"].tolist() == [0.9, 0.5, 0.2, 0.0]
+
+
+def test_shift_pivot_is_model_by_protocol():
+    from invariscope.measure.shift import ShiftAnalysis
+
+    s = pd.DataFrame(
+        {
+            "model": ["model", "baseline", "model", "baseline"],
+            "protocol": ["embed", "embed", "crop", "crop"],
+            "n_images": [8, 8, 8, 8],
+            "p_top1_change": [0.25, 0.5, 0.125, 0.375],
+            "p_top1_change_low": [0.2, 0.4, 0.1, 0.3],
+            "p_top1_change_high": [0.3, 0.6, 0.2, 0.4],
+        }
+    )
+    models = pd.DataFrame({"model": ["model", "baseline"], "label": ["blur", "max"]})
+    aggregates = {"shift_summary": s, "models": models}
+    pivot = ShiftAnalysis.pivots(aggregates, {})[
+        "P(top-1 change) between adjacent shifts (model x protocol)"
+    ]
+    assert pivot.index.tolist() == ["blur", "max"] and pivot.columns.tolist() == ["embed", "crop"]
+    assert pivot.to_numpy().tolist() == [[0.25, 0.125], [0.5, 0.375]]
+    text = ShiftAnalysis.headline({"num_images": 8}, aggregates, {})
+    assert text == (
+        "On 8 images, the top-1 prediction changes between adjacent shifts for blur 25.0% "
+        "[20.0, 30.0] (embed), 12.5% [10.0, 20.0] (crop); max 50.0% [40.0, 60.0] (embed), "
+        "37.5% [30.0, 40.0] (crop) (95% intervals)."
+    )
+
+
+def test_default_headline_lists_the_first_numbers():
+    from invariscope.engine.analysis import Analysis
+
+    summary = {"num_images": 40, "score": 0.123456, "flag": True, "name": "x", "loss": 2}
+    assert Analysis.headline(summary, {}, {}) == "On 40 images: score 0.1235, loss 2."
+    assert Analysis.headline({}, {}, {}) == ""
+    assert Analysis.pivots({}, {}) == {}
+    assert Analysis.section_title("T", {}) == "T"
+
+
+def test_sweep_titles_tell_the_kinds_of_run_apart():
+    from invariscope.measure.sweep import SweepAnalysis
+
+    one = {"transforms": {"rotation": [0.0, 90.0]}, "pairs": [], "worst_case": None}
+    two = {
+        "transforms": {},
+        "pairs": [["translate_x", [0.0], "translate_y", [0.0]]],
+        "worst_case": {"max_angle": 30.0, "max_shift": 3.0, "angles": 7, "shifts": 3, "k": 10},
+    }
+    assert SweepAnalysis.section_title("Sweeps", one) == "Sweeps: rotation"
+    assert SweepAnalysis.section_title("Sweeps", two) == (
+        "Sweeps: translate_x x translate_y grid; worst case (+-30 deg, +-3 px)"
+    )
+
+
+def test_sections_have_distinct_titles_and_open_with_the_headline(report):
+    _, text, page, order = report
+    titles = [
+        " ".join(chunk.split("</span>", 1)[0].split())
+        for chunk in text.split('<span class="title">')[1:]
+    ]
+    assert len(titles) == 4 and len(set(titles)) == 4
+    # the two sweeps share their configuration: both carry their run's name
+    from invariscope.engine.registry import get_analysis
+
+    entry = get_analysis("sweep")
+    base = entry.analysis.section_title(entry.title, RunStore.open(order[0]).config)
+    assert base.startswith(f"{entry.title}: gaussian_noise, rotation;")
+    assert titles[0] == html.escape(f"{base} (sweep)", quote=True)
+    assert titles[1] == html.escape(f"{base} ({WEIRD_NAME})", quote=True)
+    sweep = text.split(f'id="{section_id(1, order[0])}"', 1)[1].split("</section>", 1)[0]
+    marks = ['class="headline"', 'class="pivot"', "<figure", 'class="all-values"']
+    where = [sweep.index(m) for m in marks]
+    assert where == sorted(where)  # headline, pivoted tables, figures, then all values
+    assert sweep.split("</h2>", 1)[1].lstrip().startswith('<p class="headline">')
+    assert "identity accuracy is" in sweep
+    # the all-values block is collapsed and holds the summary and the stored tables
+    block = sweep.split('<details class="all-values"', 1)[1]
+    assert block.startswith(">") and "identity_accuracy" in block and 'data-table="' in block
+
+
+def test_report_of_a_hand_made_alignment_run(tmp_path):
+    run_dir = alignment_run(tmp_path / "align")
+    index = build_report([run_dir], tmp_path / "out")
+    text = index.read_text(encoding="utf-8")
+    page = Page(text)
+    sid = section_id(1, run_dir)
+    words = page.section_text(sid)
+    assert " ".join(html.escape(ALIGNMENT_HEADLINE, quote=True).split()) in " ".join(text.split())
+    assert "Feature-map alignment" in words
+    pivot = text.split('class="pivot"', 1)[1].split("</table>", 1)[0]
+    assert pivot.count("<tr>") == 3  # header + conv1 + pool1
+    assert "<th>layer</th>" in pivot and "translate_x 1 pixel" in pivot
+    assert "rotation 45 degree" in pivot and "rotation 90 degree" not in pivot

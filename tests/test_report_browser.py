@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_report import mystery_run, sweep_run_dir, worst_case_run_dir
+from test_report import alignment_run, mystery_run, sweep_run_dir, worst_case_run_dir
 
 from invariscope.report import build_report
 from invariscope.report.html import section_id
@@ -96,8 +96,11 @@ def test_report_in_headless_chromium(driver, tmp_path, tmp_path_factory):
     sweep = sweep_run_dir(tmp_path_factory)
     worst = worst_case_run_dir(tmp_path_factory)
     other = mystery_run(tmp_path / "mystery run")
-    runs = [sweep, worst, other]
-    index = build_report(runs, tmp_path / "report")
+    align = alignment_run(tmp_path / "align")
+    # given in any order, the sections follow the registry: sweep, worst case, alignment,
+    # then the analysis nobody registered
+    index = build_report([other, align, worst, sweep], tmp_path / "report")
+    runs = [sweep, worst, align, other]
 
     driver.get(index.resolve().as_uri())
     WebDriverWait(driver, 30).until(
@@ -130,6 +133,63 @@ def test_report_in_headless_chromium(driver, tmp_path, tmp_path_factory):
         "return Array.from(document.querySelectorAll('nav.toc a')).map(a => a.hash)"
     )
     assert links == [f"#{section_id(k, d)}" for k, d in enumerate(runs, start=1)]
+
+    # (a) registry order, distinct titles
+    sections = driver.execute_script(
+        "return Array.from(document.querySelectorAll('section.run')).map(s => ({id: s.id, "
+        "analysis: s.dataset.analysis, title: s.querySelector('h2 .title').innerText}))"
+    )
+    assert [s["analysis"] for s in sections] == [
+        "sweep",
+        "worst_case",
+        "alignment",
+        "mystery-analysis",
+    ]
+    titles = [s["title"] for s in sections]
+    assert len(set(titles)) == len(titles), titles
+
+    # (b) the alignment section opens with its headline, then a layer x transformation table
+    sid = section_id(3, align)
+    opening = driver.execute_script(
+        "const h = document.querySelector('#' + arguments[0] + ' h2').nextElementSibling; "
+        "return {tag: h.tagName, cls: h.className, text: h.innerText, "
+        "visible: h.getBoundingClientRect().height > 0}",
+        sid,
+    )
+    assert opening["tag"] == "P" and opening["cls"] == "headline" and opening["visible"]
+    assert "rotation 45 degree: up to 0.5 [0.49, 0.51] (conv1)" in opening["text"]
+    table = driver.execute_script(
+        "const t = document.querySelector('#' + arguments[0] + ' div.pivot table'); "
+        "return {head: Array.from(t.querySelectorAll('thead th')).map(c => c.innerText), "
+        "rows: Array.from(t.querySelectorAll('tbody tr')).map(r => "
+        "Array.from(r.cells).map(c => c.innerText)), "
+        "visible: t.getBoundingClientRect().height > 0}",
+        sid,
+    )
+    assert table["visible"]
+    assert table["head"] == ["layer", "translate_x 1 pixel", "rotation 45 degree"]
+    assert table["rows"] == [["conv1", "0", "0.5"], ["pool1", "0.05", "0.3"]]
+
+    # (c) every section's all-values block is collapsed: only its one-line summary shows
+    blocks = driver.execute_script(
+        "return Array.from(document.querySelectorAll('section.run')).map(s => {"
+        "const d = s.querySelector('details.all-values'); "
+        "const t = d.querySelector('table.kv'); "
+        "return {open: d.open, visible: t.checkVisibility(), "
+        "block: d.getBoundingClientRect().height, "
+        "summary: d.querySelector('summary').getBoundingClientRect().height}})"
+    )
+    assert len(blocks) == 4
+    for b in blocks:
+        assert not b["open"] and not b["visible"], blocks
+        assert 0 < b["summary"] and b["block"] < b["summary"] + 30, blocks  # padding, border
+
+    # a figure wider than the text column is shown no wider than the window
+    widths = driver.execute_script(
+        "return Array.from(document.querySelectorAll('figure img')).map(i => "
+        "i.getBoundingClientRect().width)"
+    )
+    assert widths and max(widths) <= driver.execute_script("return window.innerWidth")
 
     shot = tmp_path / "report.png"
     _screenshot(driver, shot)

@@ -154,7 +154,7 @@ def test_no_subsampling_and_circular_padding_is_exactly_shiftable(shapes):
         _circular_cnn(),
         shapes,
         "circular",
-        steps=8,
+        frames=8,
         direction="diagonal",
         images=24,
         consistency_pairs=4,
@@ -197,7 +197,7 @@ def test_aps_is_exactly_consistent_under_circular_shifts_and_max_pooling_is_not(
         shapes,
         "circular",
         baseline=base,
-        steps=8,
+        frames=8,
         direction="diagonal",
         images=64,
         consistency_pairs=8,
@@ -219,7 +219,7 @@ def test_nonshiftability_grows_with_subsampling(shapes):
         _small_vgg_circular(shapes),
         shapes,
         "circular",
-        steps=8,
+        frames=8,
         images=16,
         consistency_pairs=0,
         progress=False,
@@ -234,7 +234,7 @@ def test_tables_have_one_row_per_image_frame_and_layer(shapes):
         create_model("small-vgg", num_classes=10, width=8),
         shapes,
         ["embed", "sequence:rotation"],
-        steps=5,
+        frames=5,
         images=10,
         batch_size=4,
         consistency_pairs=3,
@@ -264,7 +264,7 @@ def test_bad_input_is_one_line():
             create_model("simple-cnn"),
             create_dataset("digits", "test"),
             "circular",
-            steps=3,
+            frames=3,
             images=4,
             layers=["net.nope"],
             progress=False,
@@ -283,7 +283,7 @@ def test_command_with_a_baseline_writes_the_run_figures_and_report(tmp_path, cap
     save_checkpoint(antialias(base, "blurpool"), tmp_path / "blur.pt")
     out = tmp_path / "run"
     argv = ["shift", "--model", str(tmp_path / "blur.pt"), "--baseline", str(tmp_path / "base.pt")]
-    argv += ["--data", "digits", "--protocol", "crop,sequence:gaussian_noise", "--steps", "4"]
+    argv += ["--data", "digits", "--protocol", "crop,sequence:gaussian_noise", "--frames", "4"]
     argv += ["--images", "12", "--consistency-pairs", "2", "--no-progress", "--out", str(out)]
     assert run(argv) == 0
     printed = capsys.readouterr().out

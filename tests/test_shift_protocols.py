@@ -347,7 +347,7 @@ def test_sequence_positions_and_domain_errors():
     ]
     # grayscale: 0.05 per frame, frame 21 would be 1.05 > 1
     assert len(parse_protocol("sequence:grayscale", steps=21).positions(8, 8)) == 21
-    with pytest.raises(InvariscopeError, match=r"grayscale.*steps <= 21"):
+    with pytest.raises(InvariscopeError, match=r"grayscale.*frames <= 21"):
         parse_protocol("sequence:grayscale", steps=22)
     with pytest.raises(InvariscopeError, match="contrast"):
         parse_protocol("sequence:contrast", steps=102)  # 1 - 1.01 < 0
@@ -398,7 +398,7 @@ def test_every_protocol_keeps_shape_dtype_device(name, channels, dtype, device):
 # ---------------------------------------------------------------------- bad input
 def test_bad_input_is_refused_with_one_line_errors():
     x = _rand(1, 1, 16, 16)
-    with pytest.raises(InvariscopeError, match="steps <= 9") as err:
+    with pytest.raises(InvariscopeError, match="frames <= 9") as err:
         ShiftProtocol("embed", steps=10).frame(x, 0)  # 8 free pixels around 8x8
     assert "\n" not in str(err.value)
     ShiftProtocol("embed", steps=9).check(16, 16)  # the largest that fits
@@ -417,7 +417,7 @@ def test_bad_input_is_refused_with_one_line_errors():
         InvariscopeError, match=r"unknown sequence transform 'nonexistent'.*rotation"
     ):
         parse_protocol("sequence:nonexistent")
-    with pytest.raises(InvariscopeError, match="steps must be an int >= 2"):
+    with pytest.raises(InvariscopeError, match="frames must be an int >= 2"):
         parse_protocol("crop", steps=1)
     with pytest.raises(InvariscopeError, match="takes no step"):
         parse_protocol("embed", step=0.5)

@@ -300,7 +300,7 @@ def test_benchmark_tables_in_memory(tmp_path):
         train,
         archs=["cnn", "C0", "SL1"],
         seeds=2,
-        steps=2,
+        train_steps=2,
         train_batch=8,
         train_images=32,
         images=12,
@@ -383,7 +383,7 @@ def test_quick_preset_on_rotated_sets_and_explicit_options_win(
 
     out = tmp_path / "run"
     argv = ["stn-benchmark", "--model", "simple-cnn", "--data", data, "--archs", "C0"]
-    argv += ["--seeds", "1", "--steps", "1", "--train-batch", "4", "--train-images", "8"]
+    argv += ["--seeds", "1", "--train-steps", "1", "--train-batch", "4", "--train-images", "8"]
     argv += ["--images", "4", "--quick", "--no-progress", "--out", str(out), *extra]
     assert cli(argv) == 0
     config = json.loads((out / "config.json").read_text())["config"]

@@ -46,6 +46,21 @@ def command_line() -> Iterator[None]:
         _INTERFACE.reset(token)
 
 
+def warn(message: str) -> None:
+    """Tell the user something they should know, in the words of the interface in use: one
+    line ``invariscope: warning: ...`` on stderr on the command line, a
+    :class:`UserWarning` in Python."""
+    message = " ".join(str(message).split())
+    if _INTERFACE.get() == "cli":
+        import sys
+
+        print(f"invariscope: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        import warnings
+
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
 def hint(python: str, cli: str) -> str:
     """A fix in the words of the interface in use: ``python`` (an argument of the API,
     e.g. ``"pass overwrite=True"``) or ``cli`` (an option, e.g. ``"pass --overwrite"``).

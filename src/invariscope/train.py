@@ -37,7 +37,7 @@ from invariscope.engine.execution import (  # noqa: F401 - re-exported
     deterministic_training,
     resolve_device,
 )
-from invariscope.errors import InvariscopeError
+from invariscope.errors import InvariscopeError, hint
 from invariscope.transforms import get_transform
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,8 @@ def check_train_settings(
     ``epochs`` and ``batch_size`` must be integers >= 1, ``lr`` a finite number > 0 and
     ``weight_decay`` a finite number >= 0 (NaN and infinities are refused).
     """
-    for name, value in (("--epochs", epochs), ("--batch-size", batch_size)):
+    batch_name = hint("batch_size", "--train-batch")
+    for name, value in (("--epochs", epochs), (batch_name, batch_size)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise InvariscopeError(f"{name} must be an integer of at least 1, got {value!r}")
     for name, value, low in (("--lr", lr, "> 0"), ("weight_decay", weight_decay, ">= 0")):
@@ -350,7 +351,9 @@ def model_for_dataset(name: str, dataset: Dataset, *, seed: int = 0, **kwargs) -
     c, h, w = image.shape
     if h != w:
         raise InvariscopeError(
-            f"the built-in models take square images; dataset images are {h}x{w}"
+            f"the built-in models take square images; dataset images are {h}x{w}: "
+            + hint("load a folder with image_size=N", "pass --image-size N")
+            + " (shorter side resized to N, centre crop)"
         )
     classes = list(getattr(dataset, "classes", []))
     info = model_info(name)

@@ -3,13 +3,15 @@
 ``@engine_options`` adds ``--model``, ``--weights``, ``--data``, ``--split``, ``--images``,
 ``--classes``, ``--batch-size``, ``--seed``, ``--device``, ``--workers``, ``--out``,
 ``--overwrite``, ``--timeout``, ``--no-figures``, ``--no-progress``, ``--forward-batch``,
-``--memory-format``, ``--amp``, ``--max-work``, ``--input-size``, ``--resize`` and
-``--labels`` to a command; :func:`run_analysis_command` loads the model and data, joins
-the ``torchrun`` process group when there is one, and runs the analysis on the engine.
+``--memory-format``, ``--amp``, ``--max-work``, ``--input-size``, ``--resize``,
+``--image-size`` and ``--labels`` to a command; :func:`run_analysis_command` loads the
+model and data, joins the ``torchrun`` process group when there is one, and runs the
+analysis on the engine.
 
-Image folders (``--data folder:DIR`` or a directory) are read at the model's input size
-(shorter side resized to it, centre crop) when the model takes square images, so that
-photographs of any size form batches; with ``--labels model`` a folder may hold its
+Image folders (``--data folder:DIR`` or a directory) are read at ``--image-size N``
+(shorter side resized to N, antialiased, then the centre N x N crop), by default at the
+model's input size when the model takes square images, so that photographs of any size
+form batches; with ``--labels model`` a folder may hold its
 images directly, without class sub-folders.
 """
 
@@ -44,6 +46,7 @@ COMMON = (
     "max_work",
     "input_size",
     "resize",
+    "image_size",
     "labels",
 )
 
@@ -184,6 +187,15 @@ _OPTIONS = [
         help="Resize images to the model's input size inside the model wrapper.",
     ),
     click.option(
+        "--image-size",
+        default=None,
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="Read folder images at N x N: shorter side resized to N (antialiased), centre "
+        "crop [default: the model's square input size]; datasets with a size option "
+        "(shapes, photos) are made at N.",
+    ),
+    click.option(
         "--labels",
         default="dataset",
         show_default=True,
@@ -195,15 +207,28 @@ _OPTIONS = [
 ]
 
 
-def engine_options(command=None, *, model_aliases: tuple[str, ...] = ()):
+def engine_options(
+    command=None, *, model_aliases: tuple[str, ...] = (), model_default: str | None = None
+):
     """Add the common options of every analysis command (see the module docstring).
 
     ``@engine_options`` or ``@engine_options(model_aliases=("--model-a",))``: the
     aliases are further names of ``--model`` (a two-model command's first model).
+    ``model_default``: a registered model name that ``--model`` defaults to (the option
+    is then not required).
     """
 
     def decorate(cmd):
         for option in reversed(_OPTIONS):
+            if model_default is not None and option is _OPTIONS[0]:
+                option = click.option(
+                    "--model",
+                    "model_spec",
+                    default=model_default,
+                    show_default=True,
+                    help="Checkpoint path, registered name, package.module:factory, "
+                    "torchvision:NAME or timm:NAME.",
+                )
             if model_aliases and option is _OPTIONS[0]:
                 option = click.option(
                     *model_aliases,
@@ -230,19 +255,44 @@ def pop_common(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _data_options(data_spec: str, common: dict[str, Any], models: dict) -> dict[str, Any]:
-    """Options for reading an image folder: the model's square input size, and
-    ``unlabeled`` with ``--labels model``; none for other datasets."""
+    """Options for reading the data: ``--image-size`` when given; for an image folder
+    otherwise the model's square input size, and ``unlabeled`` with ``--labels model``."""
     from invariscope.data.registry import is_folder_spec
 
-    if not is_folder_spec(data_spec):
-        return {}
     options: dict[str, Any] = {}
+    if common.get("image_size") is not None:
+        options["image_size"] = int(common["image_size"])
+    if not is_folder_spec(data_spec):
+        return options
     if common.get("labels") == "model":
         options["unlabeled"] = True
     size = getattr(models.get("model"), "input_size", None)
-    if isinstance(size, tuple) and len(size) == 3 and size[1] == size[2]:
-        options["image_size"] = int(size[1])
+    if "image_size" not in options and isinstance(size, tuple) and len(size) == 3:
+        if size[1] == size[2]:
+            options["image_size"] = int(size[1])
     return options
+
+
+def create_train_set(common: dict[str, Any]):
+    """The train split of ``--data``, read like the measured split (``--image-size``; for
+    an image folder without it, the square input size of ``--model``)."""
+    from invariscope.data import create_dataset
+    from invariscope.data.registry import is_folder_spec
+
+    options: dict[str, Any] = {}
+    if common.get("image_size") is not None:
+        options["image_size"] = int(common["image_size"])
+    elif is_folder_spec(common["data_spec"]) and common.get("model_spec") not in (None, "hog"):
+        from invariscope.models import load_model
+
+        model = load_model(
+            common["model_spec"],
+            common.get("weights"),
+            input_size=common.get("input_size"),
+            resize=True if common.get("resize") else None,
+        )
+        options = _data_options(common["data_spec"], {}, {"model": model})
+    return create_dataset(common["data_spec"], split="train", **options)
 
 
 def run_analysis_command(

@@ -8,28 +8,11 @@ import click
 
 from invariscope.cli._app import cli
 from invariscope.cli._engine import engine_options, pop_common, run_analysis_command, split_list
-from invariscope.errors import InvariscopeError
+from invariscope.cli._vocab import magnitude_values
 
 
 def _magnitudes(values: tuple[str, ...]) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for text in values:
-        name, sep, rest = text.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise InvariscopeError(
-                f"--magnitudes takes NAME=V[,V...], e.g. rotation=15,45,90; got '{text}'"
-            )
-        try:
-            numbers = [float(v) for v in split_list(rest)]
-        except ValueError:
-            raise InvariscopeError(
-                f"--magnitudes {name}: the values must be numbers, got '{rest}'"
-            ) from None
-        if name in out:
-            raise InvariscopeError(f"--magnitudes given twice for {name}")
-        out[name] = numbers
-    return out
+    return magnitude_values("--magnitudes", values)
 
 
 @cli.command("alignment")
@@ -44,8 +27,9 @@ def _magnitudes(values: tuple[str, ...]) -> dict[str, list[float]]:
 @click.option(
     "--magnitudes",
     multiple=True,
-    metavar="T=V[,V...]",
-    help="Magnitudes of one transformation (repeatable), e.g. --magnitudes rotation=15,45,90 "
+    metavar="T=V[,V...]|T=START:STOP:STEP",
+    help="Magnitudes of one transformation (repeatable or ';'-separated), e.g. "
+    "--magnitudes 'rotation=15,45,90;zoom=0.8:1.2:0.2' "
     "[default: translate 1,2,4 px; rotation 15,45,90 deg; zoom/scale 0.8,1.25,1.5; "
     "shear 0.1,0.25,0.5].",
 )

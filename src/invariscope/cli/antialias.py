@@ -8,10 +8,13 @@ from pathlib import Path
 import click
 
 from invariscope.cli._app import cli
-from invariscope.cli._engine import _input_size
+from invariscope.cli._engine import _data_options, _input_size
+from invariscope.cli._vocab import deprecated, magnitude_entries
 
 
 @cli.command("antialias")
+@deprecated("antialias", "--size", "--train-images", "train_images", type=int)
+@deprecated("antialias", "--batch-size", "--train-batch", "train_batch", type=click.IntRange(min=1))
 @click.option(
     "--model",
     "model_spec",
@@ -77,12 +80,27 @@ from invariscope.cli._engine import _input_size
     "test accuracies are reported on its test split.",
 )
 @click.option(
-    "--size",
+    "--train-images",
     default=None,
     type=int,
-    help="Number of fine-tuning images for generated datasets (default: the dataset's).",
+    help="Number of fine-tuning images: generated datasets make this many, fixed ones take "
+    "a seeded subset [default: the dataset's].",
 )
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--image-size",
+    default=None,
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Read folder images at N x N: shorter side resized to N (antialiased), centre crop "
+    "[default: the model's square input size]; shapes and photos are made at N.",
+)
+@click.option(
+    "--train-batch",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Fine-tuning images per optimiser step.",
+)
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
 @click.option(
     "--seed", default=0, show_default=True, type=int, help="Seeds shuffling and augmentation."
@@ -93,7 +111,7 @@ from invariscope.cli._engine import _input_size
     multiple=True,
     metavar="NAME=LOW:HIGH",
     help="Fine-tuning augmentation from the transform registry, uniform per image; "
-    "repeatable, e.g. --augment rotation=-30:30.",
+    "repeatable or ';'-separated, e.g. --augment 'rotation=-30:30;zoom=0.8:1.2'.",
 )
 @click.option(
     "--threads",
@@ -119,8 +137,9 @@ def antialias_cmd(
     padding,
     finetune_epochs,
     data_name,
-    size,
-    batch_size,
+    train_images,
+    image_size,
+    train_batch,
     lr,
     seed,
     device,
@@ -146,6 +165,7 @@ def antialias_cmd(
       invariscope antialias --model vgg.pt --method aps --finetune-epochs 2 --data shapes --out vgg-aps.pt
     """
     from invariscope.data import create_dataset
+    from invariscope.engine.selection import align_to_model, check_class_count, dataset_classes
     from invariscope.errors import InvariscopeError
     from invariscope.models import antialias, check_class_names, load_model, save_checkpoint
     from invariscope.models.antialias import antialias_summary
@@ -164,10 +184,10 @@ def antialias_cmd(
             raise InvariscopeError(
                 "--finetune-epochs needs --data (the dataset to fine-tune on); pass --data NAME"
             )
-        check_train_settings(epochs=finetune_epochs, batch_size=batch_size, lr=lr)
+        check_train_settings(epochs=finetune_epochs, batch_size=train_batch, lr=lr)
     elif augment:
         raise InvariscopeError("--augment applies to fine-tuning; pass --finetune-epochs N too")
-    aug = parse_augment(augment)
+    aug = parse_augment(magnitude_entries(augment))
     dev = resolve_device(device)
     source = Path(model_spec)
     from_file = source.is_file()
@@ -186,6 +206,21 @@ def antialias_cmd(
             f"{model_spec} has no architecture to rebuild it from (a TorchScript file?), so "
             "no checkpoint could be written; give the architecture and --weights instead"
         )
+    if method == "avgpool":
+        _check_pool_size(original, pool_size)
+    data_options: dict = {}
+    if image_size is not None:
+        data_options["image_size"] = image_size
+    elif data_name is not None:
+        data_options = _data_options(data_name, {}, {"model": original})
+    test_set = None
+    if data_name is not None:  # the pairing is checked before any work, as every analysis does
+        test_set, note = align_to_model(
+            create_dataset(data_name, "test", seed=seed, **data_options), original
+        )
+        if note:
+            click.echo(f"invariscope: warning: {note}", err=True)
+        check_class_count(original, dataset_classes(test_set))
     model = antialias(
         original, method, filter_size=filter_size, pool_size=pool_size, padding=padding
     )
@@ -194,8 +229,7 @@ def antialias_cmd(
     train_config = source_meta.get("train_config")
     data_fingerprint = source_meta.get("data_fingerprint")
     accuracy = ""
-    if data_name is not None:
-        test_set = create_dataset(data_name, "test", seed=seed)
+    if test_set is not None:
         warning = check_class_names(original, test_set)
         if warning:
             click.echo(f"invariscope: warning: {warning}", err=True)
@@ -204,7 +238,9 @@ def antialias_cmd(
         converted = evaluate(model.to(dev), test_set, device=dev)
         accuracy = f"test accuracy {before:.4f} -> {converted:.4f} converted"
         if finetune_epochs:
-            train_set = create_dataset(data_name, "train", size=size, seed=seed)
+            train_set = create_dataset(
+                data_name, "train", size=train_images, seed=seed, **data_options
+            )
             check_classes(train_set)
             click.echo(
                 f"fine-tuning on {data_name}: {len(train_set)} train / {len(test_set)} test "
@@ -216,7 +252,7 @@ def antialias_cmd(
                 train_set,
                 test_set=test_set,
                 epochs=finetune_epochs,
-                batch_size=batch_size,
+                batch_size=train_batch,
                 lr=lr,
                 seed=seed,
                 device=dev,
@@ -228,7 +264,7 @@ def antialias_cmd(
                 result.config,
                 model=model.arch,
                 data=data_name,
-                size=size,
+                size=train_images,
                 device=str(dev),
                 finetune_of=str(source.resolve()) if from_file else model_spec,
             )
@@ -247,3 +283,36 @@ def antialias_cmd(
     click.echo(
         f"{summary}; " + (f"{accuracy}; " if accuracy else "") + f"checkpoint written to {out}"
     )
+
+
+def _check_pool_size(model, pool_size: int) -> None:
+    """Refuse an average pool larger than every feature map a max pool of ``model`` sees
+    (it would average mostly padding, and its size-matching probe never ends)."""
+    import torch
+    from torch import nn
+
+    from invariscope.errors import InvariscopeError
+
+    size = getattr(model, "input_size", None)
+    if not (isinstance(size, tuple | list) and len(size) == 3):
+        return  # the map sizes are unknown without an input size
+    sides: list[int] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args: sides.append(max(args[0].shape[-2:])))
+        for m in model.modules()
+        if isinstance(m, nn.MaxPool2d)
+    ]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, *size))
+    except Exception:  # noqa: BLE001 - the conversion reports a model that does not run
+        return
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if sides and pool_size > max(sides):
+        raise InvariscopeError(
+            f"--pool-size {pool_size} is larger than every feature map a max pool sees "
+            f"(at most {max(sides)} pixels a side for {size[1]}x{size[2]} inputs); use "
+            f"--pool-size <= {max(sides)} (the paper uses 6 for 2x2 max pools)"
+        )

@@ -27,20 +27,29 @@ from invariscope.cli._app import cli
     "--stages",
     default=None,
     metavar="A,B,...",
-    help="Only these analyses' stages (e.g. sweep,shift) [default: all].",
+    help="Only these stages (e.g. sweep,shift), opt-in ones included "
+    "[default: every stage but the opt-in ones].",
+)
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Also run the opt-in stages (stn_benchmark: table I's pose-SD comparison with the "
+    "--quick preset, several CPU-minutes).",
 )
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def demo_cmd(
-    out, model_name, data_name, epochs, seed, device, retrain, stages, no_progress
+    out, model_name, data_name, epochs, seed, device, retrain, stages, full, no_progress
 ) -> None:
     """Train (or reuse from the cache) the default model and run every analysis stage.
 
     The trained model is cached under $INVARISCOPE_CACHE (default ~/.cache/invariscope),
-    keyed by architecture, data, settings and version.
+    keyed by architecture, data, settings and version. Each stage prints its duration
+    and a finding with its interval ("[sweep 41 s] ..."); the last line gives the total.
 
     \b
     Example:
       invariscope demo --out demo-output
+      invariscope demo --full --out demo-output     # with the opt-in stages
     """
     from invariscope.demo import demo_stages, run_demo
     from invariscope.errors import unknown_name
@@ -64,5 +73,6 @@ def demo_cmd(
         retrain=retrain,
         progress=not no_progress,
         stages=chosen,
+        full=full,
         echo=click.echo,
     )

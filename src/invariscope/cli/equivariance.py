@@ -7,16 +7,64 @@ import math
 import click
 
 from invariscope.cli._app import cli
-from invariscope.cli._engine import engine_options, pop_common, run_analysis_command, split_list
+from invariscope.cli._engine import (
+    create_train_set,
+    engine_options,
+    pop_common,
+    run_analysis_command,
+    split_list,
+)
+from invariscope.cli._vocab import deprecated, magnitude_values, warn
+
+#: The transformations and magnitudes measured when --transforms is not given.
+DEFAULT_TRANSFORMS = ("hflip", "vflip", "rot90", "zoom", "rotation")
+DEFAULT_MAGNITUDES = {"zoom": [0.5], "rotation": [45.0]}
+
+
+def _transform_items(transforms: str | None, magnitudes: tuple[str, ...]) -> list[str]:
+    """``--transforms`` and ``--magnitudes`` as the analysis's ``NAME[=V]`` items."""
+    from invariscope.errors import InvariscopeError
+
+    given = magnitude_values("--magnitudes", magnitudes)
+    names = list(DEFAULT_TRANSFORMS) if transforms is None else split_list(transforms)
+    if transforms is None:
+        given = {**DEFAULT_MAGNITUDES, **given}
+    if any("=" in n for n in names):
+        warn("--transforms NAME=V is deprecated; use --transforms NAME --magnitudes NAME=V")
+    plain = {n.partition("=")[0].strip() for n in names}
+    extra = sorted(set(given) - plain)
+    if extra:
+        raise InvariscopeError(
+            f"--magnitudes names {', '.join(extra)}, which is not among --transforms "
+            f"({', '.join(sorted(plain))}); add it to --transforms"
+        )
+    items: list[str] = []
+    for name in names:
+        if "=" in name and name.partition("=")[0].strip() in given:
+            raise InvariscopeError(f"'{name}': give the magnitude once, with --magnitudes")
+        if "=" in name or name not in given:
+            items.append(name)
+        else:
+            items.extend(f"{name}={v:.12g}" for v in given[name])
+    return items
 
 
 @cli.command("equivariance")
+@deprecated("equivariance", "--steps", "--train-steps", "train_steps", type=int)
 @click.option(
     "--transforms",
-    default="hflip,vflip,rot90,zoom=0.5,rotation=45",
-    show_default=True,
-    metavar="T1,T2=V,...",
-    help="Geometric transformations g (name or name=magnitude).",
+    default=None,
+    metavar="T1,T2,...",
+    help="Geometric transformations g [default: hflip,vflip,rot90,zoom,rotation with "
+    "--magnitudes 'zoom=0.5;rotation=45'].",
+)
+@click.option(
+    "--magnitudes",
+    multiple=True,
+    metavar="T=V[,V...]|T=START:STOP:STEP",
+    help="Magnitudes of one transformation of --transforms, one map per value (repeatable "
+    "or ';'-separated), e.g. --magnitudes 'rotation=15,45;zoom=0.5' [default: the "
+    "transformation's own magnitude].",
 )
 @click.option(
     "--layers",
@@ -37,7 +85,8 @@ from invariscope.cli._engine import engine_options, pop_common, run_analysis_com
     type=int,
     metavar="M",
     help="Structured sparsity: predict each cell from the M x M cells around its "
-    "back-projection [default: dense maps].",
+    "back-projection [default: dense maps where they fit, else the largest odd M <= 3 "
+    "that fits].",
 )
 @click.option(
     "--ridge", default=1e-3, show_default=True, type=float, help="Ridge strength (relative)."
@@ -66,7 +115,11 @@ from invariscope.cli._engine import engine_options, pop_common, run_analysis_com
     "--kernel-size", default=3, show_default=True, type=int, help="Transformation layer's m."
 )
 @click.option(
-    "--steps", default=300, show_default=True, type=int, help="Transformation layer Adam steps."
+    "--train-steps",
+    default=300,
+    show_default=True,
+    type=int,
+    help="Transformation layer Adam steps.",
 )
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
 @click.option(
@@ -79,6 +132,7 @@ from invariscope.cli._engine import engine_options, pop_common, run_analysis_com
 @engine_options
 def equivariance_cmd(
     transforms,
+    magnitudes,
     layers,
     method,
     structured,
@@ -88,7 +142,7 @@ def equivariance_cmd(
     stats_batch,
     transformation_layer,
     kernel_size,
-    steps,
+    train_steps,
     lr,
     train_batch,
     hog_cell,
@@ -108,10 +162,9 @@ def equivariance_cmd(
 
     \b
     Example:
-      invariscope equivariance --model hog --data digits --transforms hflip,rotation=45 --method omp --structured 3 --out runs/hog
+      invariscope equivariance --model hog --data digits --transforms hflip,rotation --magnitudes rotation=45 --method omp --structured 3 --out runs/hog
       invariscope equivariance --model cnn.ckpt --data digits --layers conv1,relu1,relu2 --method none --transformation-layer task --out runs/eq
     """
-    from invariscope.data import create_dataset
     from invariscope.errors import InvariscopeError
     from invariscope.measure.equivariance import EquivarianceAnalysis
     from invariscope.models.hog import HOG
@@ -127,8 +180,8 @@ def equivariance_cmd(
             raise InvariscopeError("HOG has no layers; leave out --layers with --model hog")
     hog = HOG(orientations=hog_orientations, cell=hog_cell) if is_hog else None
     analysis = EquivarianceAnalysis(
-        create_dataset(common["data_spec"], split="train"),
-        transforms,
+        create_train_set(common),
+        _transform_items(transforms, magnitudes),
         None if layers is None else split_list(layers),
         hog=hog,
         method=method,
@@ -139,7 +192,7 @@ def equivariance_cmd(
         stats_batch=stats_batch,
         transformation_layer=transformation_layer,
         kernel_size=kernel_size,
-        steps=steps,
+        steps=train_steps,
         lr=lr,
         train_batch=train_batch,
     )

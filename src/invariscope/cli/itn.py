@@ -8,11 +8,18 @@ import math
 import click
 
 from invariscope.cli._app import cli
-from invariscope.cli._engine import engine_options, pop_common, run_analysis_command
+from invariscope.cli._engine import (
+    create_train_set,
+    engine_options,
+    pop_common,
+    run_analysis_command,
+)
+from invariscope.cli._vocab import deprecated
 
 
 @cli.command("itn")
-@click.option("--steps", default=400, show_default=True, type=int, help="Adam steps in all.")
+@deprecated("itn", "--steps", "--train-steps", "train_steps", type=int)
+@click.option("--train-steps", default=400, show_default=True, type=int, help="Adam steps in all.")
 @click.option(
     "--save-every",
     default=100,
@@ -87,7 +94,7 @@ from invariscope.cli._engine import engine_options, pop_common, run_analysis_com
 )
 @engine_options
 def itn_cmd(
-    steps,
+    train_steps,
     save_every,
     train_batch,
     lr,
@@ -114,15 +121,14 @@ def itn_cmd(
 
     \b
     Example:
-      invariscope itn --model cnn.ckpt --data digits --steps 400 --out runs/itn
-      invariscope itn --model cnn.ckpt --data digits --steps 1000 --save-every 200 --tolerance 0.95 --controls colour,spatial --out runs/itn-text
+      invariscope itn --model cnn.ckpt --data digits --train-steps 400 --out runs/itn
+      invariscope itn --model cnn.ckpt --data digits --train-steps 1000 --save-every 200 --tolerance 0.95 --controls colour,spatial --out runs/itn-text
     """
-    from invariscope.data import create_dataset
     from invariscope.measure.itn import ITNAnalysis
 
     common = pop_common(kwargs)
     analysis_args = dict(
-        steps=steps,
+        steps=train_steps,
         save_every=save_every,
         train_batch=train_batch,
         lr=lr,
@@ -135,7 +141,7 @@ def itn_cmd(
         sweep_points=sweep_points,
         examples=examples,
     )
-    train_set = create_dataset(common["data_spec"], split="train")
+    train_set = create_train_set(common)
     analysis = ITNAnalysis(train_set, **analysis_args)
     result = run_analysis_command(analysis, common)
     if result.aggregated:

@@ -42,7 +42,8 @@ def models_cmd() -> None:
     """List the built-in model architectures and their arguments.
 
     Models you bring are loaded with --model package.module:factory (plus --weights
-    FILE), torchvision:NAME or timm:NAME (local weights file required).
+    FILE), torchvision:NAME or timm:NAME (random weights unless --weights FILE is given;
+    nothing is downloaded).
 
     \b
     Example:

@@ -38,5 +38,25 @@ def render_cmd(run_dirs, out) -> None:
             )
         entry = get_analysis(store.config.get("analysis", "?"))
         render = entry.render()
-        paths = [] if render is None else render(Path(run_dir), out or Path(run_dir) / "figures")
+        folder = out or Path(run_dir) / "figures"
+        paths = [] if render is None else _draw(render, Path(run_dir), folder)
         click.echo(f"{run_dir}: {len(paths) // 2} figures ({entry.title})")
+
+
+def _draw(render, run_dir: Path, folder: Path) -> list:
+    """``render(run_dir, folder)`` with a one-line error for a folder that cannot be written."""
+    from invariscope.errors import InvariscopeError
+
+    where = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if where is not None and not where.is_dir():
+        raise InvariscopeError(
+            f"'{where}' is a file, not a folder; move it away or pass another --out"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return list(render(run_dir, folder))
+    except OSError as exc:
+        raise InvariscopeError(
+            f"cannot write the figures into '{folder}' ({type(exc).__name__}: "
+            f"{exc.strerror or exc}); pass a folder you can write with --out"
+        ) from None

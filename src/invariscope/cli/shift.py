@@ -9,6 +9,7 @@ import click
 
 from invariscope.cli._app import cli
 from invariscope.cli._engine import engine_options, pop_common, run_analysis_command, split_list
+from invariscope.cli._vocab import deprecated
 
 
 def _label(spec: str) -> str:
@@ -16,6 +17,7 @@ def _label(spec: str) -> str:
 
 
 @cli.command("shift")
+@deprecated("shift", "--steps", "--frames", "frames", type=int)
 @click.option(
     "--protocol",
     "protocols",
@@ -28,7 +30,12 @@ def _label(spec: str) -> str:
 @click.option(
     "--baseline", default=None, metavar="MODEL", help="A baseline model (mFR, side by side)."
 )
-@click.option("--steps", default=16, show_default=True, type=int, help="Frames per sequence.")
+@click.option(
+    "--frames",
+    default=None,
+    type=int,
+    help="Frames per sequence [default: 16, or the most that fit the image].",
+)
 @click.option(
     "--direction",
     default="vertical",
@@ -86,7 +93,7 @@ def _label(spec: str) -> str:
 def shift_cmd(
     protocols,
     baseline,
-    steps,
+    frames,
     direction,
     factor,
     fill,
@@ -120,7 +127,7 @@ def shift_cmd(
     analysis = ShiftAnalysis(
         split_list(protocols),
         protocol_options={
-            "steps": steps,
+            "steps": frames,
             "direction": direction,
             "factor": factor,
             "fill": fill,

@@ -8,7 +8,14 @@ from pathlib import Path
 import click
 
 from invariscope.cli._app import cli
-from invariscope.cli._engine import engine_options, pop_common, run_analysis_command, split_list
+from invariscope.cli._engine import (
+    create_train_set,
+    engine_options,
+    pop_common,
+    run_analysis_command,
+    split_list,
+)
+from invariscope.cli._vocab import deprecated
 
 
 def _label(spec: str) -> str:
@@ -16,6 +23,7 @@ def _label(spec: str) -> str:
 
 
 @cli.command("stitch")
+@deprecated("stitch", "--steps", "--train-steps", "train_steps", type=int)
 @click.option(
     "--model-b",
     "model_b",
@@ -43,7 +51,11 @@ def _label(spec: str) -> str:
     help="Odd size m of the m x m stitching convolution.",
 )
 @click.option(
-    "--steps", default=300, show_default=True, type=int, help="Adam steps per layer pair."
+    "--train-steps",
+    default=300,
+    show_default=True,
+    type=int,
+    help="Adam steps per layer pair.",
 )
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
 @click.option(
@@ -56,7 +68,7 @@ def _label(spec: str) -> str:
 @click.option("--no-cka", is_flag=True, help="Skip the CKA matrix.")
 @engine_options(model_aliases=("--model-a",))
 def stitch_cmd(
-    model_b, layers_a, layers_b, kernel_size, steps, lr, train_batch, no_cka, **kwargs
+    model_b, layers_a, layers_b, kernel_size, train_steps, lr, train_batch, no_cka, **kwargs
 ) -> None:
     """Stitching error and linear CKA between the layers of networks A and B.
 
@@ -74,7 +86,6 @@ def stitch_cmd(
       invariscope stitch --model-a cnn.ckpt --data digits --out runs/self-stitch
       invariscope stitch --model-a cnn.ckpt --model-b vgg.ckpt --data digits --layers-a pool1,relu2 --layers-b pool1,pool2 --out runs/stitch
     """
-    from invariscope.data import create_dataset
     from invariscope.errors import InvariscopeError
     from invariscope.measure.stitch import StitchAnalysis
 
@@ -84,13 +95,13 @@ def stitch_cmd(
             "--weights applies to --model-a only, so B would lack them; give --model-b "
             "explicitly (a checkpoint, or a spec that loads its own weights)"
         )
-    train_set = create_dataset(common["data_spec"], split="train")
+    train_set = create_train_set(common)
     analysis = StitchAnalysis(
         train_set,
         layers_a=None if layers_a is None else split_list(layers_a),
         layers_b=None if layers_b is None else split_list(layers_b),
         kernel_size=kernel_size,
-        steps=steps,
+        steps=train_steps,
         lr=lr,
         train_batch=train_batch,
         cka=not no_cka,

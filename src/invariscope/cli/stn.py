@@ -7,7 +7,14 @@ import math
 import click
 
 from invariscope.cli._app import cli
-from invariscope.cli._engine import engine_options, pop_common, run_analysis_command, split_list
+from invariscope.cli._engine import (
+    create_train_set,
+    engine_options,
+    pop_common,
+    run_analysis_command,
+    split_list,
+)
+from invariscope.cli._vocab import deprecated
 
 #: Full-run defaults, and what ``--quick`` uses instead (explicit options win over both).
 FULL = {"steps": 2000, "train_batch": 64, "images": None, "family": "affine", "loc_lr_scale": 1.0}
@@ -19,6 +26,10 @@ QUICK_ROTATED = {**QUICK, "family": "rotation", "loc_lr_scale": 3.0}
 
 
 @cli.command("stn-benchmark")
+@deprecated("stn-benchmark", "--steps", "--train-steps", "train_steps", type=int)
+@deprecated(
+    "stn-benchmark", "--augment", "--fresh-perturbations", "fresh_perturbations", is_flag=True
+)
 @click.option(
     "--archs",
     default="cnn,C0,C1,DL1,SL1",
@@ -37,7 +48,7 @@ QUICK_ROTATED = {**QUICK, "family": "rotation", "loc_lr_scale": 3.0}
     help="Training runs (seeds) per architecture; tables give mean and SD over them.",
 )
 @click.option(
-    "--steps",
+    "--train-steps",
     default=None,
     type=int,
     help=f"Adam steps per training run [default: {FULL['steps']}, --quick {QUICK['steps']}].",
@@ -63,7 +74,7 @@ QUICK_ROTATED = {**QUICK, "family": "rotation", "loc_lr_scale": 3.0}
     help="Train on a seeded subset of this many training images [default: all].",
 )
 @click.option(
-    "--augment",
+    "--fresh-perturbations",
     is_flag=True,
     help="Render every training image afresh with a new perturbation of the data's family "
     "each time it is drawn (augmentation for the CNN and the STNs alike).",
@@ -90,16 +101,16 @@ QUICK_ROTATED = {**QUICK, "family": "rotation", "loc_lr_scale": 3.0}
     "learns to undo rotations in so few steps (on rotated-glyphs about 4 CPU-minutes per "
     "seed for the default archs; 60 and 112 px sets cost more).",
 )
-@engine_options
+@engine_options(model_default="simple-cnn")
 def stn_cmd(
     archs,
     seeds,
-    steps,
+    train_steps,
     train_batch,
     lr,
     loc_lr_scale,
     train_images,
-    augment,
+    fresh_perturbations,
     family,
     examples,
     quick,
@@ -108,7 +119,7 @@ def stn_cmd(
     """Train and compare spatial transformer networks (Finnveden et al. 2020, tables I-II).
 
     --model names the BASE CLASSIFIER by its ARCHITECTURE only: a registered name
-    (simple-cnn) or a checkpoint of one; it is rebuilt for the data's image size and every
+    (default: simple-cnn, the papers' base classifier) or a checkpoint of one; it is rebuilt for the data's image size and every
     (architecture, seed) trains from a fresh seeded initialisation, with the same budget, on
     the train split of --data (rotated-, translated- or scaled-<digits|glyphs>). Measured on
     the test images: the top-1 error (table II) and, for every STN, the pose SD (table I):
@@ -123,11 +134,10 @@ def stn_cmd(
       invariscope stn-benchmark --model simple-cnn --data rotated-glyphs --quick --out runs/stn-r
       invariscope stn-benchmark --model simple-cnn --data translated-glyphs --archs cnn,C0,C1,DL1,SL1 --seeds 3 --out runs/stn-t
     """
-    from invariscope.data import create_dataset
     from invariscope.measure.stn import STNBenchmarkAnalysis
 
     common = pop_common(kwargs)
-    train_set = create_dataset(common["data_spec"], split="train")
+    train_set = create_train_set(common)
     # the rotated preset is a pair: naming either option gives the other its paper default
     rotated = getattr(train_set, "kind", None) == "rotated"
     paired = quick and rotated and family is None and loc_lr_scale is None
@@ -143,11 +153,11 @@ def stn_cmd(
         train_set,
         split_list(archs),
         seeds=seeds,
-        steps=preset["steps"] if steps is None else steps,
+        steps=preset["steps"] if train_steps is None else train_steps,
         train_batch=preset["train_batch"] if train_batch is None else train_batch,
         lr=lr,
         train_images=train_images,
-        augment=augment,
+        augment=fresh_perturbations,
         family=preset["family"] if family is None else family,
         examples=examples,
         loc_lr_scale=preset["loc_lr_scale"] if loc_lr_scale is None else loc_lr_scale,

@@ -9,6 +9,7 @@ import click
 
 from invariscope.cli._app import cli
 from invariscope.cli._engine import engine_options, pop_common, run_analysis_command, split_list
+from invariscope.cli._vocab import magnitude_entries, parse_magnitude
 
 
 def budget_from_options(kwargs: dict):
@@ -78,9 +79,10 @@ def worst_case_options(command):
     "--range",
     "ranges",
     multiple=True,
-    metavar="NAME=START:STOP[:STEP]",
-    help="Magnitudes of one transformation (repeatable), e.g. --range rotation=-180:180:5; "
-    "default: the transformation's own range. The identity is always included.",
+    metavar="NAME=START:STOP[:STEP]|NAME=V[,V...]",
+    help="Magnitudes of one transformation: a range (stop included) or values; repeatable "
+    "or ';'-separated, e.g. --range 'rotation=-180:180:5;zoom=0.5,1,2' [default: the "
+    "transformation's own range]. The identity is always included.",
 )
 @click.option(
     "--pair",
@@ -129,12 +131,16 @@ def sweep_cmd(transform_list, ranges, pairs, worst_case, threshold, **kwargs) ->
 
     common = pop_common(kwargs)
     names = split_list(transform_list)
-    magnitudes: dict[str, tuple[float, float, float]] = {}
-    for item in ranges:
-        name, start, stop, step = parse_range(item)
+    magnitudes: dict[str, tuple[float, float, float] | list[float]] = {}
+    for item in magnitude_entries(ranges):
+        name, spec = parse_magnitude("--range", item)
         if name in magnitudes:
             raise InvariscopeError(f"--range for '{name}' is given twice; give it once")
-        magnitudes[name] = (start, stop, step)
+        if isinstance(spec, tuple):
+            name, start, stop, step = parse_range(item)
+            magnitudes[name] = (start, stop, step)
+        else:
+            magnitudes[name] = spec
     pair_list = [tuple(split_list(p)) for p in pairs]
     budget = budget_from_options(kwargs) if worst_case else None
     analysis = SweepAnalysis(

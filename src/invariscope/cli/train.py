@@ -7,9 +7,12 @@ from pathlib import Path
 import click
 
 from invariscope.cli._app import cli
+from invariscope.cli._vocab import deprecated, magnitude_entries
 
 
 @cli.command("train")
+@deprecated("train", "--size", "--train-images", "train_images", type=int)
+@deprecated("train", "--batch-size", "--train-batch", "train_batch", type=click.IntRange(min=1))
 @click.option(
     "--model",
     "model_name",
@@ -25,7 +28,13 @@ from invariscope.cli._app import cli
     help="Dataset name or path (see 'invariscope datasets').",
 )
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--train-batch",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Training images per optimiser step.",
+)
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
 @click.option(
     "--seed",
@@ -40,13 +49,22 @@ from invariscope.cli._app import cli
     multiple=True,
     metavar="NAME=LOW:HIGH",
     help="Train-time augmentation from the transform registry, uniform per image; "
-    "repeatable, e.g. --augment rotation=-30:30.",
+    "repeatable or ';'-separated, e.g. --augment 'rotation=-30:30;zoom=0.8:1.2'.",
 )
 @click.option(
-    "--size",
+    "--train-images",
     default=None,
     type=int,
-    help="Number of training images for generated datasets (default: the dataset's).",
+    help="Number of training images: generated datasets make this many, fixed ones take a "
+    "seeded subset [default: the dataset's].",
+)
+@click.option(
+    "--image-size",
+    default=None,
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Read folder images at N x N: shorter side resized to N (antialiased), centre crop "
+    "[default: as stored, so they must share one size]; shapes and photos are made at N.",
 )
 @click.option(
     "--out",
@@ -67,12 +85,13 @@ def train_cmd(
     model_name,
     data_name,
     epochs,
-    batch_size,
+    train_batch,
     lr,
     seed,
     device,
     augment,
-    size,
+    train_images,
+    image_size,
     out,
     threads,
     no_progress,
@@ -106,8 +125,8 @@ def train_cmd(
         train,
     )
 
-    check_train_settings(epochs=epochs, batch_size=batch_size, lr=lr)
-    aug = parse_augment(augment)
+    check_train_settings(epochs=epochs, batch_size=train_batch, lr=lr)
+    aug = parse_augment(magnitude_entries(augment))
     dev = resolve_device(device)
     if out is None:
         out = Path(checkpoint_name(model_name, data_name))
@@ -116,9 +135,10 @@ def train_cmd(
             f"--out {out} exists and is not an invariscope checkpoint; pass a new path or "
             "remove the file"
         )
-    train_set = create_dataset(data_name, "train", size=size, seed=seed)
+    data_options = {} if image_size is None else {"image_size": image_size}
+    train_set = create_dataset(data_name, "train", size=train_images, seed=seed, **data_options)
     check_classes(train_set)
-    test_set = create_dataset(data_name, "test", seed=seed)
+    test_set = create_dataset(data_name, "test", seed=seed, **data_options)
     model = model_for_dataset(model_name, train_set, seed=seed)
     click.echo(
         f"training {model_name} on {data_name}: {len(train_set)} train / {len(test_set)} test "
@@ -131,7 +151,7 @@ def train_cmd(
         train_set,
         test_set=test_set,
         epochs=epochs,
-        batch_size=batch_size,
+        batch_size=train_batch,
         lr=lr,
         seed=seed,
         device=dev,
@@ -139,7 +159,9 @@ def train_cmd(
         progress=not no_progress,
         threads=threads,
     )
-    config = dict(result.config, model=model_name, data=data_name, size=size, device=str(dev))
+    config = dict(
+        result.config, model=model_name, data=data_name, size=train_images, device=str(dev)
+    )
     model.to("cpu")
     save_checkpoint(model, out, train_config=config, data_fingerprint=train_set.fingerprint)
     seconds = result.history["seconds"].sum()

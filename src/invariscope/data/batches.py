@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from invariscope.errors import InvariscopeError
+from invariscope.errors import InvariscopeError, hint
 
 
 class _Indexed(Dataset):
@@ -39,8 +39,9 @@ def _load_error(err: Exception) -> InvariscopeError:
     message = _worker_message(err)
     if isinstance(err, RuntimeError) and "stack expects each tensor to be equal size" in message:
         return InvariscopeError(
-            f"the dataset's images differ in size ({message}); give them one size, e.g. "
-            "resize them or load the folder with image_size=..."
+            f"the dataset's images differ in size ({message}); give them one size: "
+            + hint("load the folder with image_size=N", "pass --image-size N")
+            + " (shorter side resized to N, centre crop)"
         )
     return InvariscopeError(
         f"could not read an image of the dataset ({type(err).__name__}: {message}); "

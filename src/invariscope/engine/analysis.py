@@ -18,6 +18,13 @@ with the *part* in place of the batch. It implements a handful of methods:
   the stored parts;
 - :meth:`Analysis.summary`: a few headline numbers (stored in the manifest).
 
+For the report (``invariscope report``), three class methods present a finished run from
+its stored summary, aggregate tables and configuration (they never measure):
+:meth:`Analysis.headline` (the finding in one or two sentences, with numbers and
+intervals), :meth:`Analysis.pivots` (tidy pivoted tables: layer x transformation, model x
+protocol, ...) and :meth:`Analysis.section_title` (a title that tells runs of the same
+analysis apart).
+
 Reproducibility: randomness must come from ``(ctx.seed, part key)`` (e.g.
 :func:`invariscope.engine.random.uniform_per_image`), never from rank or order, and
 tables must not hold wall-clock times; then a resumed or distributed run gives identical
@@ -36,7 +43,7 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from invariscope.engine.context import Context
 
-__all__ = ["Analysis", "Batch", "Part", "PartOutput"]
+__all__ = ["Analysis", "Batch", "Part", "PartOutput", "default_headline"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,11 @@ class Analysis:
             ``datasets["data"]``: the pre-flight then runs it on the first images and
             checks its logits ``[B, K]`` (K = number of classes) before anything is
             written, and the forward batch and memory format are tuned on it.
+        mixed_batches: True when a part computes a statistic of its batch that assumes
+            i.i.d. images (the unbiased HSIC of streamed CKA): the runner then cuts the
+            batches from the selected images in a random order seeded by the run's seed
+            (:func:`invariscope.engine.selection.mix_indices`) instead of grouping them by
+            class, so that no batch is dominated by one class.
     """
 
     name: ClassVar[str] = ""
@@ -112,6 +124,7 @@ class Analysis:
     part_tables: ClassVar[tuple[str, ...]] = ()
     aggregate_tables: ClassVar[tuple[str, ...]] = ()
     classifier: ClassVar[bool] = True
+    mixed_batches: ClassVar[bool] = False
 
     def config(self) -> dict[str, Any]:
         """The analysis's own result-defining settings (JSON-able)."""
@@ -148,3 +161,51 @@ class Analysis:
     def summary(self, aggregates: Mapping[str, pd.DataFrame], ctx: Context) -> dict[str, Any]:
         """A few headline numbers (JSON-able), stored in the manifest."""
         return {}
+
+    # ----------------------------------------------------------------- presentation
+
+    @classmethod
+    def headline(
+        cls,
+        summary: Mapping[str, Any],
+        aggregates: Mapping[str, pd.DataFrame],
+        config: Mapping[str, Any],
+    ) -> str:
+        """The run's finding in one or two sentences, with numbers (and intervals).
+
+        ``aggregates`` maps table names to the stored aggregate tables (read when looked
+        up). The default lists the first scalar numbers of ``summary``.
+        """
+        return default_headline(summary)
+
+    @classmethod
+    def pivots(
+        cls, aggregates: Mapping[str, pd.DataFrame], config: Mapping[str, Any]
+    ) -> dict[str, pd.DataFrame]:
+        """Tidy pivoted tables for the report: caption -> table.
+
+        Each table's index holds the row labels (named: ``layer``, ``model``, ...), its
+        columns the compared settings; headers carry the units. Default: none.
+        """
+        return {}
+
+    @classmethod
+    def section_title(cls, title: str, config: Mapping[str, Any]) -> str:
+        """The report title of a run: the registered ``title``, made specific to this
+        run's configuration where runs of the analysis differ in kind."""
+        return title
+
+
+def default_headline(summary: Mapping[str, Any], items: int = 4) -> str:
+    """``"On 40 images: score 0.5, loss 1.25."``: the first top-level scalar numbers."""
+    numbers = [
+        (str(k), v)
+        for k, v in summary.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k != "num_images"
+    ]
+    parts = [f"{k.replace('_', ' ')} {v:.4g}" for k, v in numbers[:items]]
+    n = summary.get("num_images")
+    prefix = f"On {n} images" if isinstance(n, int) and not isinstance(n, bool) else ""
+    if not parts:
+        return f"{prefix}." if prefix else ""
+    return (f"{prefix}: " if prefix else "") + ", ".join(parts) + "."

@@ -57,11 +57,12 @@ from invariscope.engine.execution import (
 )
 from invariscope.engine.selection import (
     align_to_model,
+    check_class_count,
     check_images,
     check_labels,
     dataset_classes,
-    imagenet_mismatch,
     label_by_model,
+    mix_indices,
     resolve_classes,
     select_indices,
 )
@@ -513,17 +514,11 @@ def run(
     for n, d in datasets.items():
         ids = resolve_classes(classes, class_names[n])
         indices[n] = select_indices(d, images=images, classes=ids, seed=seed)
+        if analysis.mixed_batches:
+            indices[n] = mix_indices(indices[n], seed)
         batches[n] = [indices[n][s : s + batch_size] for s in range(0, len(indices[n]), batch_size)]
     if analysis.classifier:
-        model_classes = getattr(models["model"], "num_classes", None)
-        k = len(class_names["data"])
-        if isinstance(model_classes, int) and model_classes != k:
-            fix = imagenet_mismatch(class_names["data"], models["model"]) or (
-                "use a model trained on this dataset (or a dataset with matching classes)"
-            )
-            raise InvariscopeError(
-                f"the model has {model_classes} classes but the dataset has {k}; {fix}"
-            )
+        check_class_count(models["model"], class_names["data"])
     placeholder = Execution(forward_batch if isinstance(forward_batch, int) else 256)
     ctx = Context(
         models=models,

@@ -46,12 +46,14 @@ __all__ = [
     "LABEL_MODES",
     "RelabelledDataset",
     "align_to_model",
+    "check_class_count",
     "check_labels",
     "check_images",
     "dataset_classes",
     "dataset_labels",
     "imagenet_mismatch",
     "label_by_model",
+    "mix_indices",
     "resolve_classes",
     "select_indices",
     "stored_labels",
@@ -168,6 +170,18 @@ def select_indices(
     if labels is not None:
         idx = idx[np.argsort(labels[idx], kind="stable")]
     return idx
+
+
+def mix_indices(indices: np.ndarray, seed: int) -> np.ndarray:
+    """``indices`` in a random order drawn from ``seed`` (the same for every rank and
+    every resumption), for batches whose statistic assumes i.i.d. images.
+
+    :func:`select_indices` groups the images by class; cut into consecutive batches, a
+    batch then holds one or two classes, and a per-batch statistic such as the unbiased
+    HSIC of CKA measures within-class similarity instead of that of the data.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x313C]))
+    return np.asarray(indices, dtype=np.int64)[rng.permutation(len(indices))]
 
 
 # ----------------------------------------------------------------------------- batches
@@ -314,6 +328,18 @@ def imagenet_mismatch(dataset_classes: Sequence[str], model: nn.Module) -> str |
         f"{_preview(unknown)}), or take the model's own labels with "
         + hint("labels='model'", "--labels model")
     )
+
+
+def check_class_count(model: nn.Module, classes: Sequence[str]) -> None:
+    """Refuse a classifier whose class count (``model.num_classes``) is not the number of
+    the dataset's ``classes`` (with a hint for ImageNet models and other class names)."""
+    model_classes = getattr(model, "num_classes", None)
+    k = len(classes)
+    if isinstance(model_classes, int) and model_classes != k:
+        fix = imagenet_mismatch(classes, model) or (
+            "use a model trained on this dataset (or a dataset with matching classes)"
+        )
+        raise InvariscopeError(f"the model has {model_classes} classes but the dataset has {k}; {fix}")
 
 
 def label_by_model(

@@ -91,6 +91,8 @@ from torch.utils.data import Dataset
 from invariscope.engine import Analysis, AnalysisEntry, Batch, Part, part_id, register_analysis
 from invariscope.engine import run as run_analysis
 from invariscope.errors import InvariscopeError
+from invariscope.measure._present import ci, fmt
+from invariscope.measure._present import pivot as tidy_pivot
 from invariscope.measure.aggregate import mean_interval
 from invariscope.measure.lee import feature_map_layers
 from invariscope.models.capture import register_layer_hook, resolve_layer
@@ -841,6 +843,93 @@ class AlignmentAnalysis(Analysis):
             ),
         }
 
+    @classmethod
+    def headline(cls, summary, aggregates, config) -> str:
+        table = aggregates.get("alignment_mean")
+        if table is None or not len(table):
+            return super().headline(summary, aggregates, config)
+        parts, notes = [], []
+        for name, sub in table.groupby("transform", sort=False):
+            magnitude, _ = informative_magnitude(sub)
+            at = sub[sub["magnitude"] == magnitude]
+            exact, floor = at[at["method"] == "exact"], at[at["method"] == "floor"]
+            if exact.empty:
+                continue
+            worst = exact.loc[exact["mean"].idxmax()]
+            text = (
+                f"{name} {magnitude:g} {worst.unit}: up to "
+                f"{ci(worst['mean'], worst.low, worst.high)} ({worst.layer})"
+            )
+            if len(floor):
+                text += f" against an interpolation floor of at most {fmt(floor['mean'].max())}"
+            parts.append(text)
+            grid = sorted(
+                float(m)
+                for m, g in sub[sub["method"] == "floor"].groupby("magnitude")
+                if g["mean"].max() < ON_GRID and float(m) != magnitude
+            )
+            if grid:
+                notes.append(f"{name} {', '.join(f'{m:g}' for m in grid)} {worst.unit}")
+        n = summary.get("num_images")
+        text = (
+            f"Relative error of the inverse warp on the feature maps ({n} images, mean with "
+            "95% interval, worst layer), at the magnitude where it fails most: "
+            + "; ".join(parts)
+            + "."
+        )
+        if notes:
+            text += (
+                " Not headlined: "
+                + "; ".join(notes)
+                + ", exact on the pixel grid (nothing is interpolated: the floor is 0)."
+            )
+        return text
+
+    @classmethod
+    def pivots(cls, aggregates, config) -> dict[str, pd.DataFrame]:
+        table = aggregates.get("alignment_mean")
+        if table is None or not len(table):
+            return {}
+        chosen = {
+            name: informative_magnitude(sub)[0]
+            for name, sub in table.groupby("transform", sort=False)
+        }
+
+        def pivot(method: str, only_chosen: bool) -> pd.DataFrame:
+            rows = table[table["method"] == method]
+            if only_chosen:
+                rows = rows[rows["magnitude"] == rows["transform"].map(chosen)]
+            rows = rows.assign(
+                column=[
+                    f"{t} {m:g} {u}"
+                    for t, m, u in zip(
+                        rows["transform"], rows["magnitude"], rows["unit"], strict=True
+                    )
+                ]
+            )
+            out = tidy_pivot(
+                rows.sort_values("order", kind="stable"), ["order", "layer"], "column", "mean"
+            )
+            out.index = pd.Index(out.index.get_level_values("layer"), name="layer")
+            out.columns.name = None
+            return out
+
+        out = {
+            "Relative alignment error, exact inverse warp (layer x transformation, headline magnitudes)": pivot(
+                "exact", True
+            ),
+        }
+        if (table["method"] == "floor").any():
+            out["Interpolation floor (same check on the image itself; relative error)"] = pivot(
+                "floor", True
+            )
+        out["Relative alignment error, exact inverse warp, every magnitude"] = pivot("exact", False)
+        if (table["method"] == "best").any():
+            out["Relative alignment error, best warp near the inverse, every magnitude"] = pivot(
+                "best", False
+            )
+        return out
+
     def summary(self, aggregates, ctx) -> dict[str, Any]:
         table = aggregates["alignment_mean"]
         result: dict[str, Any] = {"num_images": int(len(ctx.indices["data"]))}
@@ -850,9 +939,13 @@ class AlignmentAnalysis(Analysis):
             sub = table[table["transform"] == name]
             if not len(sub):
                 continue
-            top = sub["magnitude"].max()
+            top, why = informative_magnitude(sub)
             sub = sub[sub["magnitude"] == top]
-            entry: dict[str, Any] = {"magnitude": float(top), "unit": TRANSFORMS[name][0]}
+            entry: dict[str, Any] = {
+                "magnitude": float(top),
+                "unit": TRANSFORMS[name][0],
+                "why": why,
+            }
             for method in METHODS:
                 rows = sub[sub["method"] == method]
                 if len(rows):
@@ -864,6 +957,35 @@ class AlignmentAnalysis(Analysis):
 def _round(value: float) -> float | None:
     v = float(value)
     return None if not math.isfinite(v) else float(f"{v:.4g}")
+
+
+#: A floor below this (relative error) means the warp is exact on the pixel grid.
+ON_GRID = 1e-4
+
+
+def informative_magnitude(table: pd.DataFrame) -> tuple[float, str]:
+    """The magnitude of one transformation that the summary and the report headline, and why.
+
+    ``table``: the ``alignment_mean`` rows of one transformation. A magnitude whose
+    interpolation floor is ~0 at every layer (a 90-degree rotation, a shift by a multiple
+    of every stride) is exact on the pixel grid: nothing is interpolated, so its floor
+    says nothing and a shift there is trivially aligned. Of the other magnitudes (all
+    of them when every one is on the grid) the one with the largest mean exact error
+    over layers is taken: where a warp fails to align the most.
+    """
+    exact = table[table["method"] == "exact"].groupby("magnitude", sort=True)["mean"].mean()
+    if exact.empty:
+        return float(table["magnitude"].max()), "the largest magnitude (no exact error)"
+    floor = table[table["method"] == "floor"].groupby("magnitude", sort=True)["mean"].max()
+    on_grid = {float(m) for m, v in floor.items() if v < ON_GRID}
+    off = exact[[float(m) not in on_grid for m in exact.index]]
+    pool = off if len(off) else exact
+    best = float(pool.idxmax())
+    reason = "the largest mean exact error over layers"
+    if on_grid and len(off):
+        grid = ", ".join(f"{m:g}" for m in sorted(on_grid))
+        reason += f" among the magnitudes not exact on the pixel grid (on the grid: {grid})"
+    return best, reason
 
 
 # ------------------------------------------------------------------------- Python API
@@ -896,10 +1018,13 @@ def alignment(
     device: str | torch.device | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
-    figures: bool | None = False,
+    figures: bool | None = None,
     **engine: Any,
 ) -> AlignmentResult:
     """The feature-map alignment check of ``model`` on ``dataset``, per layer, in one call.
+
+    Figures: drawn into ``out/figures`` whenever ``out`` is given, unless
+    ``figures=False`` (the same default for every analysis function).
 
     Runs :class:`AlignmentAnalysis` on the engine (resumable with ``out``,
     distributable under ``torchrun``).

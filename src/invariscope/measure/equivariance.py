@@ -42,6 +42,7 @@ flips and rot90). Everything runs in float32 except the statistics and the solve
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from invariscope._deprecation import renamed_arguments
 from invariscope.data.batches import epoch_batches, iter_index_batches
 from invariscope.engine import (
     Analysis,
@@ -68,6 +70,8 @@ from invariscope.engine import (
 from invariscope.engine import run as run_analysis
 from invariscope.engine.execution import check_logits, optimiser_step
 from invariscope.errors import InvariscopeError, hint
+from invariscope.measure._present import ci, fmt, pct
+from invariscope.measure._present import pivot as tidy_pivot
 from invariscope.measure.aggregate import wilson_interval
 from invariscope.measure.alignment import feature_geometries
 from invariscope.measure.equivariance_fit import (
@@ -114,8 +118,15 @@ AGGREGATE_TABLES = (
     "layers",
     "transforms",
 )
+log = logging.getLogger(__name__)
+
 #: Largest statistics set (float64 numbers) of one (layer, transformation).
 MAX_STAT_ENTRIES = 2**25
+
+#: Largest neighbourhood size of the structured maps fitted by default to layers whose
+#: dense map is too large (Lenc & Vedaldi 2018, Sect. 5.1: m = 3 was their best setting);
+#: smaller odd sizes (down to 1) where the statistics of m = 3 do not fit.
+AUTO_STRUCTURED = 3
 #: The reported ``final_loss`` of a transformation layer is the mean of the last this many steps.
 FINAL_STEPS = 10
 
@@ -163,7 +174,10 @@ class EquivarianceAnalysis(Analysis):
         layers: layers with 4-D outputs (default: every such layer of ``layer_names``).
         hog: a :class:`~invariscope.models.hog.HOG` to map HOG features instead of layers.
         method: ``"lsq"``, ``"ridge"``, ``"omp"`` or ``"none"`` (no regression map).
-        structured: neighbourhood size ``m`` of structured sparsity (None: dense maps).
+        structured: neighbourhood size ``m`` of structured sparsity. None: a dense map
+            where its statistics fit (:data:`MAX_STAT_ENTRIES`), else structured with
+            ``m =`` :data:`AUTO_STRUCTURED` (the paper's structured maps for convolutional
+            layers), said in a warning and recorded per layer (``structured_layers``).
         ridge: ridge strength relative to the mean input variance; k: OMP non-zeros per output.
         train_images: training images for the regression statistics (default min(1000, all)).
         stats_batch: training images per statistics part.
@@ -253,7 +267,7 @@ class EquivarianceAnalysis(Analysis):
             raise InvariscopeError(
                 f"{hint('kernel_size', '--kernel-size')} must be odd (1, 3, 5...), got {kernel_size}"
             )
-        self.steps = _int("steps", steps, 1)
+        self.steps = _int("train-steps", steps, 1)
         self.lr = _positive("lr", lr)
         self.train_batch = _int("train-batch", train_batch, 1)
         self.geometry: dict[str, FeatureGeometry] = {}
@@ -297,28 +311,53 @@ class EquivarianceAnalysis(Analysis):
             else:
                 self.geometry[name] = layer_geometry(model, name, (H, W), shape)
         self.index, self.back = {}, {}
+        self.layer_structured: dict[str, int | None] = {}
+        self._auto_structured: list[str] = []
         for li, name in enumerate(self.layers):
             geom = self.geometry[name]
+            m = self._neighbourhood(name, geom)
+            self.layer_structured[name] = m
             for ti, t in enumerate(self.transforms):
                 back = back_projection(geom, geom, t, H, W)
                 self.back[(li, ti)] = back
-                if self.structured is not None:
-                    self.index[(li, ti)] = neighbourhoods(back, geom, geom, self.structured)
+                if m is not None:
+                    self.index[(li, ti)] = neighbourhoods(back, geom, geom, m)
                 else:
                     self.index[(li, ti)] = None
-            if self.method != "none":
-                c, p = geom.channels, geom.cells
-                if self.structured is None:
-                    size = stat_entries(1, p * c, p * c)
-                else:
-                    size = stat_entries(p, self.structured**2 * c, c)
-                if size > MAX_STAT_ENTRIES:
-                    raise InvariscopeError(
-                        f"the regression statistics of layer '{name}' ({c}x{geom.height}x"
-                        f"{geom.width}) would hold {size:,} numbers (limit {MAX_STAT_ENTRIES:,}); "
-                        f"use {hint('structured=M', '--structured M')} with a small M, a "
-                        "smaller layer, or a transformation layer with method 'none'"
-                    )
+        if self._auto_structured:
+            log.warning(
+                "equivariance: dense maps of %d layer(s) would exceed %s numbers, so they get "
+                "structured maps (each cell from the m x m cells around its back-projection, "
+                "Lenc & Vedaldi Sect. 5.1): %s; set --structured to choose",
+                len(self._auto_structured),
+                f"{MAX_STAT_ENTRIES:,}",
+                ", ".join(self._auto_structured),
+            )
+
+    def _neighbourhood(self, name: str, geom) -> int | None:
+        """The structured-sparsity size ``m`` of layer ``name`` (None: a dense map)."""
+        m = self.structured
+        if self.method == "none":
+            return m
+        c, p = geom.channels, geom.cells
+        dense = stat_entries(1, p * c, p * c)
+        if m is None and dense > MAX_STAT_ENTRIES:
+            fits = [
+                n
+                for n in range(AUTO_STRUCTURED, 0, -2)
+                if stat_entries(p, n**2 * c, c) <= MAX_STAT_ENTRIES
+            ]
+            m = fits[0] if fits else 1
+            self._auto_structured.append(f"{name} ({c}x{geom.height}x{geom.width}): m = {m}")
+        size = dense if m is None else stat_entries(p, m**2 * c, c)
+        if size > MAX_STAT_ENTRIES:
+            raise InvariscopeError(
+                f"the regression statistics of layer '{name}' ({c}x{geom.height}x"
+                f"{geom.width}) would hold {size:,} numbers (limit {MAX_STAT_ENTRIES:,}); "
+                f"use {hint('structured=M', '--structured M')} with a small M, a "
+                "smaller layer, or a transformation layer with method 'none'"
+            )
+        return m
 
     def _check_train(self, ctx, x: torch.Tensor) -> None:
         if len(self.train_set) == 0:
@@ -388,6 +427,9 @@ class EquivarianceAnalysis(Analysis):
             "transforms": [t.label for t in self.transforms],
             "method": self.method,
             "structured": self.structured,
+            "structured_layers": {
+                n: m or 0 for n, m in getattr(self, "layer_structured", {}).items()
+            },
             "ridge": self.ridge,
             "k": self.k,
             "train_images": self.n_train or self.train_images,
@@ -515,7 +557,9 @@ class EquivarianceAnalysis(Analysis):
                 "order": np.array([li], dtype=np.int64),
                 "transform": [self.transforms[ti].label],
                 "method": [self.method],
-                "structured": np.array([self.structured or 0], dtype=np.int64),
+                "structured": np.array(
+                    [self.layer_structured[self.layers[li]] or 0], dtype=np.int64
+                ),
                 "n_train": np.array([total.n], dtype=np.int64),
                 "coefficients": np.array([fitted.A.size], dtype=np.int64),
                 "nonzeros": np.array([fitted.nonzeros()], dtype=np.int64),
@@ -765,6 +809,74 @@ class EquivarianceAnalysis(Analysis):
             out["invariance_summary"] = _summary_table(task, original)
         return out
 
+    @classmethod
+    def headline(cls, summary, aggregates, config) -> str:
+        inv = aggregates.get("invariance_summary") if "invariance_summary" in aggregates else None
+        models = aggregates.get("models") if "models" in aggregates else None
+        if inv is None or not len(inv) or models is None or not len(models):
+            rec = summary.get("mean_relative_error")
+            if isinstance(rec, dict) and rec:
+                return (
+                    f"Mean relative reconstruction error of the feature maps on "
+                    f"{summary.get('num_images')} images: "
+                    + ", ".join(f"{k} map {fmt(v)}" for k, v in rec.items())
+                    + "."
+                )
+            return super().headline(summary, aggregates, config)
+        m = models.iloc[0]
+        shown = inv if len(inv) <= 6 else inv.nsmallest(6, "recovered")
+        pairs = "; ".join(
+            f"{r.layer}/{r.transform} {fmt(r.error_none)} -> {fmt(r.error_learned)}"
+            for r in shown.itertuples(index=False)
+        )
+        which = "" if len(shown) == len(inv) else f" (the {len(shown)} least recovered pairs)"
+        text = (
+            f"Top-1 error on g^-1 x ({summary.get('num_images')} images), no map -> learned "
+            f"map M_g{which}: {pairs}; on the original images "
+            f"{ci(m.error, m.error_low, m.error_high)} (95% interval)."
+        )
+        recovered = inv["recovered"].dropna()
+        if len(recovered):
+            text += (
+                f" The learned maps recover {pct(recovered.mean())} of the lost accuracy on "
+                f"average; {int(inv['invariant'].sum())} of {len(inv)} (layer, transformation) "
+                "pairs are invariant (a permutation of the maps does as well)."
+            )
+        return text
+
+    @classmethod
+    def pivots(cls, aggregates, config) -> dict[str, pd.DataFrame]:
+        out: dict[str, pd.DataFrame] = {}
+
+        def pivot(table: pd.DataFrame, columns: str, value: str) -> pd.DataFrame:
+            p = tidy_pivot(
+                table.sort_values("order", kind="stable"), ["order", "layer"], columns, value
+            )
+            p.index = pd.Index(p.index.get_level_values("layer"), name="layer")
+            p.columns.name = None
+            return p
+
+        inv = aggregates.get("invariance_summary") if "invariance_summary" in aggregates else None
+        if inv is not None and len(inv):
+            out["Top-1 error on g^-1 x with the learned map M_g (layer x transformation)"] = pivot(
+                inv, "transform", "error_learned"
+            )
+            out["Top-1 error on g^-1 x with no map (layer x transformation)"] = pivot(
+                inv, "transform", "error_none"
+            )
+            out[
+                "Fraction of the lost accuracy the learned map recovers (layer x transformation)"
+            ] = pivot(inv, "transform", "recovered")
+        rec = aggregates.get("reconstruction") if "reconstruction" in aggregates else None
+        if rec is not None and len(rec):
+            rec = rec.assign(
+                column=[f"{t} / {m}" for t, m in zip(rec["transform"], rec["map"], strict=True)]
+            )
+            out[
+                "Relative reconstruction error of the feature maps (layer x transformation / map)"
+            ] = pivot(rec, "column", "relative")
+        return out
+
     def summary(self, aggregates, ctx) -> dict[str, Any]:
         rec = aggregates["reconstruction"]
         result: dict[str, Any] = {"num_images": int(len(ctx.indices["data"]))}
@@ -832,6 +944,7 @@ class EquivarianceResult:
     run_dir: Path | None = None
 
 
+@renamed_arguments(steps="train_steps")
 def equivariance(
     model: nn.Module | HOG | str,
     test_set: Dataset,
@@ -847,7 +960,7 @@ def equivariance(
     stats_batch: int = 256,
     transformation_layer: str | None = None,
     kernel_size: int = 3,
-    steps: int = 300,
+    train_steps: int = 300,
     lr: float = 1e-3,
     train_batch: int = 64,
     images: int | Sequence[int] | None = None,
@@ -856,12 +969,15 @@ def equivariance(
     device: str | torch.device | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
-    figures: bool | None = False,
+    figures: bool | None = None,
     **engine: Any,
 ) -> EquivarianceResult:
     """Learn equivariance maps of ``model``'s layers (or of HOG: ``model="hog"`` or a
     :class:`HOG`) on ``train_set`` and evaluate them on ``test_set``; see
     :class:`EquivarianceAnalysis`. Resumable with ``out``.
+
+    Figures: drawn into ``out/figures`` whenever ``out`` is given, unless
+    ``figures=False`` (the same default for every analysis function).
 
     >>> from invariscope.data import create_dataset
     >>> r = equivariance("hog", create_dataset("digits", "test"), create_dataset("digits", "train"),
@@ -883,7 +999,7 @@ def equivariance(
         stats_batch=stats_batch,
         transformation_layer=transformation_layer,
         kernel_size=kernel_size,
-        steps=steps,
+        steps=train_steps,
         lr=lr,
         train_batch=train_batch,
     )
@@ -954,7 +1070,7 @@ register_analysis(
             (("--data", "digits", "--layers", "wobble"), "unknown layer"),
             (("--data", "digits", "--transforms", "brightness"), "geometric"),
             (("--data", "digits", "--method", "magic"), "method"),
-            (("--data", "digits", "--layers", "conv1"), "structured"),
+            (("--data", "digits", "--layers", "conv1", "--structured", "40"), "structured"),
             (("--data", "digits", "--train-images", "99999"), "train-images"),
         ),
     )

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from invariscope._deprecation import renamed_arguments
 from invariscope.data.batches import iter_index_batches
 from invariscope.engine import (
     Analysis,
@@ -69,6 +70,8 @@ from invariscope.engine import (
 from invariscope.engine import run as run_analysis
 from invariscope.engine.execution import check_logits, optimiser_step
 from invariscope.errors import InvariscopeError, hint
+from invariscope.measure._present import ci, fmt
+from invariscope.measure._present import pivot as tidy_pivot
 from invariscope.measure.aggregate import wilson_interval
 from invariscope.measure.stitch import _frozen, _optional, _seed
 from invariscope.models.itn import (
@@ -214,7 +217,7 @@ class ITNAnalysis(Analysis):
                 + hint("train_set=...", "--data with a train split")
             )
         self.train_set = train_set
-        self.steps = _check_int("steps", steps, 1)
+        self.steps = _check_int("train-steps", steps, 1)
         self.save_every = _check_int("save-every", save_every, 1)
         self.train_batch = _check_int("train-batch", train_batch, 1)
         self.lr = _check_number("lr", lr, 0.0, open_low=True)
@@ -619,6 +622,91 @@ class ITNAnalysis(Analysis):
                 frames.append(frame)
         return pd.concat(frames, ignore_index=True)
 
+    @classmethod
+    def headline(cls, summary, aggregates, config) -> str:
+        acc = aggregates.get("accuracy") if "accuracy" in aggregates else None
+        if acc is None or not len(acc):
+            return super().headline(summary, aggregates, config)
+
+        def at(k1: float, k2: float) -> str:
+            r = acc[(acc["k1"] == k1) & (acc["k2"] == k2)]
+            if r.empty:
+                return "n/a"
+            r = r.iloc[0]
+            return ci(r.accuracy, r.accuracy_low, r.accuracy_high)
+
+        low = acc.loc[acc["accuracy"].idxmin()]
+        top1, top2 = float(acc["k1"].max()), float(acc["k2"].max())
+        text = (
+            f"Top-1 accuracy of the classifier behind the ITN on {summary.get('num_images')} "
+            f"test images: {at(0.0, 0.0)} without the invariance loss (k1 = k2 = 0), "
+            f"{at(top1, top2)} at k1 = {top1:g}, k2 = {top2:g}; lowest on the grid "
+            f"{ci(low.accuracy, low.accuracy_low, low.accuracy_high)} at k1 = {low.k1:g}, "
+            f"k2 = {low.k2:g} (95% intervals)."
+        )
+        lt = aggregates.get("learned_transforms") if "learned_transforms" in aggregates else None
+        if lt is not None and len(lt):
+            sp = lt[(lt["transform"] == "spatial")].sort_values("k")
+            co = lt[(lt["transform"] == "colour")].sort_values("k")
+            bits = []
+            if len(sp):
+                r = sp.iloc[-1]
+                bits.append(
+                    f"at k1 = {r.k:g} the spatial transformation rotates by {fmt(r.rotation_deg)} "
+                    f"deg, scales by {fmt(r.scale_x)} x {fmt(r.scale_y)} and shifts by "
+                    f"({fmt(r.tx_px)}, {fmt(r.ty_px)}) px"
+                )
+            if len(co):
+                r = co.iloc[-1]
+                bits.append(
+                    f"at k2 = {r.k:g} the colour transformation scales contrast by "
+                    f"{fmt(r.contrast)} and adds {fmt(r.brightness)} brightness"
+                )
+            if bits:
+                text += " Learned: " + "; ".join(bits) + "."
+        return text
+
+    @classmethod
+    def pivots(cls, aggregates, config) -> dict[str, pd.DataFrame]:
+        out: dict[str, pd.DataFrame] = {}
+        acc = aggregates.get("accuracy") if "accuracy" in aggregates else None
+        if acc is not None and len(acc):
+            p = tidy_pivot(acc.sort_values(["k1", "k2"]), "k1", "k2", "accuracy")
+            p.index.name = "k1 (spatial invariance weight)"
+            p.columns = [f"k2 = {v:g}" for v in p.columns]
+            out["Top-1 accuracy (fraction correct), k1 x k2"] = p
+        curve = aggregates.get("k1_curve") if "k1_curve" in aggregates else None
+        if curve is not None and len(curve):
+            out["Accuracy and mean probabilities along k1"] = pd.DataFrame(
+                {
+                    "accuracy (fraction correct)": curve["accuracy"].to_numpy(),
+                    "95% low": curve["accuracy_low"].to_numpy(),
+                    "95% high": curve["accuracy_high"].to_numpy(),
+                    "p(true class)": curve["p_true"].to_numpy(),
+                    "p(other classes)": curve["p_other"].to_numpy(),
+                },
+                index=pd.Index(curve["k1"].to_numpy(), name="k1"),
+            )
+        lt = aggregates.get("learned_transforms") if "learned_transforms" in aggregates else None
+        if lt is not None and len(lt):
+            columns = {
+                "rotation_deg": "rotation (degrees)",
+                "scale_x": "scale x",
+                "scale_y": "scale y",
+                "shear": "shear",
+                "tx_px": "shift x (px)",
+                "ty_px": "shift y (px)",
+                "contrast": "contrast (factor)",
+                "brightness": "brightness (intensity)",
+                "displacement": "mean displacement",
+            }
+            t = lt.assign(
+                setting=[f"{c} = {k:g}" for c, k in zip(lt["control"], lt["k"], strict=True)]
+            )
+            t = t.set_index(["transform", "setting"])[[c for c in columns if c in lt.columns]]
+            out["The learned transformations"] = t.rename(columns=columns)
+        return out
+
     def summary(self, aggregates, ctx) -> dict[str, Any]:
         clean = aggregates["clean"].iloc[0]
         acc = aggregates["accuracy"].set_index(["k1", "k2"])["accuracy"]
@@ -674,12 +762,13 @@ class ITNResult:
     figures: list[Path] = field(default_factory=list)
 
 
+@renamed_arguments(steps="train_steps")
 def invariant_transformer(
     model: nn.Module,
     test_set: Dataset,
     train_set: Dataset,
     *,
-    steps: int = 400,
+    train_steps: int = 400,
     save_every: int = 100,
     train_batch: int = 64,
     lr: float = 1e-3,
@@ -697,10 +786,13 @@ def invariant_transformer(
     device: str | torch.device | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
-    figures: bool | None = False,
+    figures: bool | None = None,
     **engine: Any,
 ) -> ITNResult:
     """Learn the transformations ``model`` is invariant to with an Invariant Transformer Net.
+
+    Figures: drawn into ``out/figures`` whenever ``out`` is given, unless
+    ``figures=False`` (the same default for every analysis function).
 
     Runs :class:`ITNAnalysis` on the engine: the ITN trains on ``train_set`` in front of
     the frozen ``model`` (its parameters are never updated), then the learned family is
@@ -711,13 +803,13 @@ def invariant_transformer(
     >>> from invariscope.models import create_model
     >>> net = create_model("simple-cnn")
     >>> r = invariant_transformer(net, create_dataset("digits", "test"),
-    ...     create_dataset("digits", "train"), steps=2, save_every=1, images=8, progress=False)
+    ...     create_dataset("digits", "train"), train_steps=2, save_every=1, images=8, progress=False)
     >>> sorted(r.tables["accuracy"].columns)[:3]
     ['accuracy', 'accuracy_high', 'accuracy_low']
     """
     analysis = ITNAnalysis(
         train_set,
-        steps=steps,
+        steps=train_steps,
         save_every=save_every,
         train_batch=train_batch,
         lr=lr,
@@ -777,7 +869,7 @@ register_analysis(
         conformance=(
             "--data",
             "digits",
-            "--steps",
+            "--train-steps",
             "4",
             "--save-every",
             "2",
@@ -796,7 +888,7 @@ register_analysis(
         ),
         figure_order=("itn_training", "itn_k1_probabilities", "itn_examples"),
         bad_inputs=(
-            (("--data", "digits", "--steps", "0"), "steps"),
+            (("--data", "digits", "--train-steps", "0"), "train-steps"),
             (("--data", "digits", "--controls", "spatial,shape"), "controls"),
             (("--data", "digits", "--tolerance", "2"), "tolerance"),
             (("--data", "digits", "--save-every", "0"), "save-every"),

@@ -160,6 +160,8 @@ from torch.utils.data import Dataset
 from invariscope.engine import Analysis, AnalysisEntry, Batch, Part, part_id, register_analysis
 from invariscope.engine import run as run_analysis
 from invariscope.errors import InvariscopeError
+from invariscope.measure._present import ci
+from invariscope.measure._present import pivot as tidy_pivot
 from invariscope.measure.aggregate import mean_interval
 from invariscope.models.capture import register_layer_hook, resolve_layer
 from invariscope.models.classifier import Classifier, default_layer_names
@@ -1395,6 +1397,75 @@ class LEEAnalysis(Analysis):
             out["lee_contrib_mean"] = lee_contrib_mean(per_contrib, self.transform_names)
         return out
 
+    @classmethod
+    def headline(cls, summary, aggregates, config) -> str:
+        table = aggregates.get("lee_summary")
+        if table is None or not len(table):
+            return super().headline(summary, aggregates, config)
+        parts = [
+            f"{r.transform} {ci(r.lee, r.lee_low, r.lee_high)} per {r.unit}"
+            for r in table.itertuples(index=False)
+        ]
+        text = (
+            f"Local equivariance error of the logits on {summary.get('num_images')} images "
+            "(mean with 95% interval; per unit of each transformation, so not comparable "
+            "across transformations): " + ", ".join(parts) + "."
+        )
+        top = {
+            name: entry.get("top_contribution_layer")
+            for name, entry in summary.items()
+            if isinstance(entry, dict) and entry.get("top_contribution_layer")
+        }
+        if top:
+            by_layer: dict[str, list[str]] = {}
+            for name, layer in top.items():
+                by_layer.setdefault(str(layer), []).append(name)
+            text += (
+                " Most of it comes from "
+                + "; ".join(f"{layer} ({', '.join(names)})" for layer, names in by_layer.items())
+                + "."
+            )
+        return text
+
+    @classmethod
+    def pivots(cls, aggregates, config) -> dict[str, pd.DataFrame]:
+        out: dict[str, pd.DataFrame] = {}
+        table = aggregates.get("lee_summary")
+        if table is None or not len(table):
+            return out
+        units = dict(zip(table["transform"], table["unit"], strict=True))
+        out["Local equivariance error of the logits (per unit of the transformation)"] = (
+            pd.DataFrame(
+                {
+                    "unit": table["unit"].to_numpy(),
+                    "images": table["n"].to_numpy(),
+                    "LEE (mean)": table["lee"].to_numpy(),
+                    "95% low": table["lee_low"].to_numpy(),
+                    "95% high": table["lee_high"].to_numpy(),
+                    "median": table["median_lee"].to_numpy(),
+                    "|LEE| of p(class)": table["lee_prob_abs"].to_numpy(),
+                },
+                index=pd.Index(table["transform"].to_numpy(), name="transformation"),
+            )
+        )
+        for name, caption in (
+            ("lee_layers_mean", "Each layer's own equivariance error (layer x transformation)"),
+            (
+                "lee_contrib_mean",
+                "Contribution of each layer to the logits' LEE (layer x transformation)",
+            ),
+        ):
+            t = aggregates.get(name) if name in aggregates else None
+            if t is None or not len(t):
+                continue
+            pivot = tidy_pivot(
+                t.sort_values("order", kind="stable"), ["order", "layer"], "transform", "mean"
+            )
+            pivot.index = pd.Index(pivot.index.get_level_values("layer"), name="layer")
+            pivot.columns = [f"{c} (per {units.get(c, 'unit')})" for c in pivot.columns]
+            out[caption] = pivot
+        return out
+
     def summary(self, aggregates, ctx) -> dict[str, Any]:
         result: dict[str, Any] = {"num_images": int(len(ctx.indices["data"]))}
         for row in aggregates["lee_summary"].itertuples(index=False):
@@ -1453,11 +1524,14 @@ def lie_derivative(
     device: str | torch.device | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
-    figures: bool | None = False,
+    figures: bool | None = None,
     units: str = "invariscope",
     **engine: Any,
 ) -> LEEResult:
     """The local equivariance error (LEE) of ``model`` on ``dataset``, in one call.
+
+    Figures: drawn into ``out/figures`` whenever ``out`` is given, unless
+    ``figures=False`` (the same default for every analysis function).
 
     Runs :class:`LEEAnalysis` on the engine (resumable with ``out``, distributable
     under ``torchrun``). ``layers=None`` probes the model's 4-D layers, ``()`` none.

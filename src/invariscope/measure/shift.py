@@ -32,8 +32,9 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from invariscope._deprecation import renamed_arguments
 from invariscope.engine import Analysis, AnalysisEntry, Batch, Part, part_id, register_analysis
 from invariscope.engine import run as run_analysis
 from invariscope.engine.execution import check_logits
 from invariscope.engine.random import uniform_per_image
 from invariscope.errors import InvariscopeError
+from invariscope.measure._present import pct_ci
+from invariscope.measure._present import pivot as tidy_pivot
 from invariscope.measure.aggregate import mean_interval, wilson_interval
 from invariscope.models.capture import register_layer_hook, resolve_layer
 from invariscope.models.classifier import default_layer_names
@@ -66,7 +70,11 @@ __all__ = [
     "top5_distance",
 ]
 
+log = logging.getLogger(__name__)
+
 TOP_K = 5
+#: Per-image measures of the top-5; undefined (NaN) when the data has at most TOP_K classes.
+TOP5_MEASURES = ("jaggedness", "jagged", "t5d")
 PART_TABLES = ("frames", "sequences", "consistency", "layers", "layer_sums")
 AGGREGATE_TABLES = (
     "shift_summary",
@@ -363,6 +371,11 @@ class ShiftAnalysis(Analysis):
         self.protocols = [
             p if isinstance(p, ShiftProtocol) else parse_protocol(p, **options) for p in protocols
         ]
+        # string protocols without a frame count: fewer than the default where the image
+        # leaves less room (chosen in check(), when the image size is known)
+        self._fit_steps = [
+            not isinstance(p, ShiftProtocol) and options.get("steps") is None for p in protocols
+        ]
         if not self.protocols:
             raise InvariscopeError("give at least one protocol, e.g. --protocol embed")
         names = [p.name for p in self.protocols]
@@ -400,8 +413,37 @@ class ShiftAnalysis(Analysis):
         r = self.consistency_range or max(2, round(32 / 224 * min(h, w)))
         return int(min(r, protocol.max_offset(h, w) + 1))
 
+    def _fit(self, protocol: ShiftProtocol, h: int, w: int) -> ShiftProtocol:
+        """``protocol`` with the most frames (up to its default) that fit ``h x w``."""
+        try:
+            protocol.check(h, w)
+            return protocol
+        except InvariscopeError as err:
+            first = err
+        for steps in range(protocol.steps - 1, 1, -1):
+            fitted = replace(protocol, steps=steps)
+            try:
+                fitted.check(h, w)
+            except InvariscopeError:
+                continue
+            log.warning(
+                "shift: %s uses %d frames (not %d), the most that fit a %dx%d image; set "
+                "--frames to choose",
+                protocol.name,
+                steps,
+                protocol.steps,
+                h,
+                w,
+            )
+            return fitted
+        raise first
+
     def check(self, ctx) -> None:
         h, w = self._size(ctx)
+        self.protocols = [
+            self._fit(p, h, w) if fit else p
+            for p, fit in zip(self.protocols, self._fit_steps, strict=True)
+        ]
         for p in self.protocols:
             p.check(h, w)
         if self.layers is None:  # the default: the model's activation layers
@@ -490,6 +532,13 @@ class ShiftAnalysis(Analysis):
         names = ctx.classes["data"]
         h, w = self._size(ctx)
         sequences = r.read_table("sequences")
+        if ctx.num_classes <= TOP_K:
+            log.warning(
+                "shift: jaggedness and T5D are undefined with %d classes (the top-%d holds "
+                "every class); they are NaN",
+                ctx.num_classes,
+                TOP_K,
+            )
         pairs = _optional(r, "consistency")
         frames = r.read_table(
             "frames", columns=["model", "protocol", "index", "label", "frame", "position", "p_true"]
@@ -526,6 +575,89 @@ class ShiftAnalysis(Analysis):
             out["layer_sums"] = sums
         if "baseline" in self.models:
             out["mfr"] = flip_rate_ratios(out["shift_summary"])
+        return out
+
+    @classmethod
+    def headline(cls, summary, aggregates, config) -> str:
+        s = aggregates.get("shift_summary")
+        if s is None or not len(s):
+            return super().headline(summary, aggregates, config)
+        labels = _model_labels(aggregates)
+        protocols = aggregates.get("protocols") if "protocols" in aggregates else None
+        how = ""
+        if protocols is not None and len(protocols):
+            p = protocols.iloc[0]
+            how = f", {int(p.steps)} steps of 1 {p.unit} ({p.direction})"
+        parts = []
+        for model, g in s.groupby("model", sort=False):
+            each = ", ".join(
+                f"{pct_ci(r.p_top1_change, r.p_top1_change_low, r.p_top1_change_high)} "
+                f"({r.protocol})"
+                for r in g.itertuples(index=False)
+            )
+            parts.append(f"{labels.get(model, model)} {each}")
+        text = (
+            f"On {summary.get('num_images')} images{how}, the top-1 prediction changes between "
+            "adjacent shifts for " + "; ".join(parts) + " (95% intervals)."
+        )
+        if "consistency" in s.columns and s["consistency"].notna().any():
+            best = s.loc[s["consistency"].idxmax()]
+            text += (
+                f" Consistency under random 2-D shifts is highest for "
+                f"{labels.get(best.model, best.model)} ({best.protocol}): "
+                f"{pct_ci(best.consistency, best.consistency_low, best.consistency_high)}."
+            )
+        mfr = summary.get("mfr")
+        if isinstance(mfr, float):
+            text += f" Flip-rate ratio model / baseline (mean over protocols): {mfr:.3g}."
+        return text
+
+    @classmethod
+    def pivots(cls, aggregates, config) -> dict[str, pd.DataFrame]:
+        s = aggregates.get("shift_summary")
+        if s is None or not len(s):
+            return {}
+        labels = _model_labels(aggregates)
+        s = s.assign(model=[labels.get(m, m) for m in s["model"]])
+        out: dict[str, pd.DataFrame] = {}
+        for key, caption in (
+            ("p_top1_change", "P(top-1 change) between adjacent shifts (model x protocol)"),
+            ("consistency", "Consistency under random 2-D shifts (model x protocol)"),
+            ("jagged", "Fraction of jagged images (model x protocol)"),
+        ):
+            if key in s.columns and s[key].notna().any():
+                pivot = tidy_pivot(s, "model", "protocol", key)
+                out[caption] = pivot
+        columns = {
+            "n_images": "images",
+            "accuracy": "accuracy (fraction)",
+            "p_top1_change": "P(top-1 change) (fraction)",
+            "fp": "FP (fraction)",
+            "jagged": "jagged (fraction)",
+            "consistency": "consistency (fraction)",
+            "mad": "MAD (probability)",
+            "t5d": "T5D (rank distance)",
+        }
+        kept = [c for c in columns if c in s.columns]
+        flat = s[["model", "protocol", *kept]].rename(columns=columns)
+        out["Every measure (model and protocol)"] = flat.set_index(["model", "protocol"])
+        ns = (
+            aggregates.get("nonshiftability_mean") if "nonshiftability_mean" in aggregates else None
+        )
+        if ns is not None and len(ns):
+            ns = ns.assign(
+                column=[
+                    f"{labels.get(m, m)} / {p}"
+                    for m, p in zip(ns["model"], ns["protocol"], strict=True)
+                ]
+            )
+            ns = ns.sort_values("layer_order", kind="stable")
+            pivot = tidy_pivot(ns, ["layer_order", "layer"], "column", "mean")
+            pivot.index = pd.Index(pivot.index.get_level_values("layer"), name="layer")
+            pivot.columns.name = None
+            out["Nonshiftability (frames whose map sum moves > 20%; layer x model / protocol)"] = (
+                pivot
+            )
         return out
 
     def summary(self, aggregates, ctx) -> dict[str, Any]:
@@ -628,6 +760,8 @@ def _measure_model(
         }
     )
     seq = sequence_measures(pred, p_true, top, labels, protocol.reference)
+    if num_classes <= TOP_K:  # the top-5 holds every class: the top-5 measures are undefined
+        seq[list(TOP5_MEASURES)] = np.nan
     seq.insert(0, "label", labels)
     seq.insert(0, "index", index)
     seq.insert(0, "protocol", protocol.name)
@@ -779,6 +913,14 @@ def _layer_tables(
 # ------------------------------------------------------------------------- aggregates
 
 
+def _model_labels(aggregates: Mapping[str, pd.DataFrame]) -> dict[str, str]:
+    """``{"model": "blurpool (fine-tuned)", ...}`` from the ``models`` table, if stored."""
+    models = aggregates.get("models") if "models" in aggregates else None
+    if models is None or not {"model", "label"} <= set(models.columns):
+        return {}
+    return {str(m): str(v) for m, v in zip(models["model"], models["label"], strict=True)}
+
+
 def shift_summary(sequences: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, protocol) with 95% intervals.
 
@@ -795,9 +937,12 @@ def shift_summary(sequences: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
         k = g["accuracy"].sum() * f
         row["accuracy"] = k / (n * f)
         row["accuracy_low"], row["accuracy_high"] = map(float, wilson_interval(k, n * f))
-        k = int(g["jagged"].sum())
-        row["jagged"] = k / n
-        row["jagged_low"], row["jagged_high"] = map(float, wilson_interval(k, n))
+        if g["jagged"].isna().any():  # top-5 measures undefined (at most 5 classes)
+            row["jagged"] = row["jagged_low"] = row["jagged_high"] = float("nan")
+        else:
+            k = int(g["jagged"].sum())
+            row["jagged"] = k / n
+            row["jagged_low"], row["jagged_high"] = map(float, wilson_interval(k, n))
         k = int(g["changes"].sum())
         row["p_top1_change"] = k / (n * (f - 1))
         lo, hi = wilson_interval(k, n * (f - 1))
@@ -866,6 +1011,11 @@ def flip_rate_ratios(summary: pd.DataFrame) -> pd.DataFrame:
     for protocol in model.index:
         fp, bfp = float(model.loc[protocol, "fp"]), float(base.loc[protocol, "fp"])
         fr = fp / bfp if bfp > 0 else float("nan")
+        if not bfp > 0:
+            log.warning(
+                "shift: the flip rate FR on %s is undefined (the baseline never flips); it is NaN",
+                protocol,
+            )
         rows.append(
             {"protocol": protocol, "model": "model", "fp": fp, "baseline_fp": bfp, "fr": fr}
         )
@@ -894,13 +1044,14 @@ class ShiftResult:
     run_dir: Path | None = None
 
 
+@renamed_arguments(steps="frames")
 def shift_stability(
     model: nn.Module,
     dataset: Dataset,
     protocols: str | Sequence[str] = "embed",
     *,
     baseline: nn.Module | None = None,
-    steps: int = 16,
+    frames: int | None = None,
     direction: str = "vertical",
     factor: float = 0.5,
     fill: str = "inpaint",
@@ -916,11 +1067,14 @@ def shift_stability(
     device: str | torch.device | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
-    figures: bool | None = False,
+    figures: bool | None = None,
     labels: Mapping[str, str] | None = None,
     **engine: Any,
 ) -> ShiftResult:
     """Small-shift stability of ``model`` (and ``baseline``) on ``dataset``, in one call.
+
+    Figures: drawn into ``out/figures`` whenever ``out`` is given, unless
+    ``figures=False`` (the same default for every analysis function).
 
     Runs :class:`ShiftAnalysis` on the engine (resumable with ``out``, distributable
     under ``torchrun``). ``labels`` names the models in figures
@@ -929,7 +1083,7 @@ def shift_stability(
     >>> from invariscope.data import create_dataset
     >>> from invariscope.models import create_model
     >>> r = shift_stability(create_model("small-vgg", in_channels=3, num_classes=4, width=8),
-    ...                     create_dataset("shapes"), "circular", images=8, steps=4,
+    ...                     create_dataset("shapes"), "circular", images=8, frames=4,
     ...                     layers=(), consistency_pairs=1, progress=False)
     >>> sorted(r.summary.columns)[:3]
     ['accuracy', 'accuracy_high', 'accuracy_low']
@@ -937,7 +1091,7 @@ def shift_stability(
     analysis = ShiftAnalysis(
         protocols,
         protocol_options={
-            "steps": steps,
+            "steps": frames,
             "direction": direction,
             "factor": factor,
             "fill": fill,
@@ -997,7 +1151,7 @@ register_analysis(
             "digits",
             "--protocol",
             "embed,circular",
-            "--steps",
+            "--frames",
             "5",
             "--consistency-pairs",
             "2",
@@ -1009,7 +1163,7 @@ register_analysis(
         figure_order=("pcorrect", "stability", "nonshiftability", "layer_sums", "flip_rate"),
         bad_inputs=(
             (("--data", "digits", "--protocol", "wobble"), "unknown shift protocol"),
-            (("--data", "digits", "--protocol", "embed", "--steps", "30"), "steps"),
+            (("--data", "digits", "--protocol", "embed", "--frames", "30"), "frames"),
             (("--data", "digits", "--protocol", "sequence:hflip"), "hflip"),
             (("--data", "digits", "--consistency-pairs", "-1"), "consistency pairs"),
         ),

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from invariscope._deprecation import renamed_arguments
 from invariscope.data.batches import epoch_batches, iter_index_batches
 from invariscope.engine import (
     Analysis,
@@ -65,6 +66,8 @@ from invariscope.engine import (
 from invariscope.engine import run as run_analysis
 from invariscope.engine.execution import check_logits, optimiser_step
 from invariscope.errors import InvariscopeError, hint
+from invariscope.measure._present import ci, fmt
+from invariscope.measure._present import pivot as tidy_pivot
 from invariscope.measure.aggregate import wilson_interval
 from invariscope.measure.cka import MIN_IMAGES, cka_table, hsic_table
 from invariscope.models.capture import register_layer_hook, resolve_layer
@@ -250,7 +253,8 @@ class StitchAnalysis(Analysis):
 
     Parts (all in stage 0):
 
-    - ``cka-<b>``, one per test batch: one forward pass of A and one of B with hooks on
+    - ``cka-<b>``, one per test batch (``mixed_batches``: the batches are seeded random
+      samples of the selected images, not class-sorted runs): one forward pass of A and one of B with hooks on
       every layer; table ``hsic`` (the per-batch unbiased HSIC of every layer pair,
       ``kind="ab"``, and of every layer with itself, ``"aa"`` / ``"bb"``) and table
       ``base`` (each network's correct count). Batches of fewer than 4 images (a short
@@ -272,9 +276,11 @@ class StitchAnalysis(Analysis):
     """
 
     name = "stitch"
+    version = 2  # 2: CKA batches are seeded random samples (1: class-sorted)
     grad = True
     models = ROLES
     classifier = True
+    mixed_batches = True
     part_tables = PART_TABLES
     aggregate_tables = AGGREGATE_TABLES
 
@@ -311,7 +317,7 @@ class StitchAnalysis(Analysis):
                 f"{hint('kernel_size', '--kernel-size')} must be odd (1, 3, 5...) so that the "
                 f"stitching convolution keeps the map's size, got {kernel_size}"
             )
-        self.steps = self._int("steps", steps, 1)
+        self.steps = self._int("train-steps", steps, 1)
         self.train_batch = self._int("train-batch", train_batch, 1)
         if (
             isinstance(lr, bool)
@@ -596,6 +602,64 @@ class StitchAnalysis(Analysis):
         ).astype({"order": np.int64})
         return out
 
+    @classmethod
+    def headline(cls, summary, aggregates, config) -> str:
+        models = aggregates.get("models")
+        s = aggregates.get("stitch_error") if "stitch_error" in aggregates else None
+        if models is None or s is None or not len(s):
+            return super().headline(summary, aggregates, config)
+        m = models.set_index("model")
+        label = {k: str(m.loc[k, "label"]) if "label" in m.columns else k for k in m.index}
+        alone = ", ".join(
+            f"{label[k]} {ci(r.error, r.error_low, r.error_high)}" for k, r in m.iterrows()
+        )
+        worst = s.loc[s["error"].idxmax()]
+        a, b = (label.get(k, k) for k in ("model", "model_b"))
+        text = (
+            f"Stitching {a} (layer a) into {b} (layer b) on {summary.get('num_images')} "
+            f"images: top-1 error {fmt(summary.get('mean_stitch_error'))} on average over "
+            f"{len(s)} layer pairs ({fmt(summary.get('mean_diagonal_error'))} at the same "
+            f"layer), against {alone} for the models alone; the worst pair is "
+            f"{worst.layer_a} -> {worst.layer_b}: "
+            f"{ci(worst.error, worst.error_low, worst.error_high)} (95% intervals)."
+        )
+        cka = aggregates.get("cka") if "cka" in aggregates else None
+        if cka is not None and len(cka) and cka["cka"].notna().any():
+            low = cka.loc[cka["cka"].idxmin()]
+            text += (
+                f" Linear CKA {fmt(cka['cka'].mean())} on average, lowest "
+                f"{fmt(low.cka)} ({low.layer_a} vs {low.layer_b})."
+            )
+        return text
+
+    @classmethod
+    def pivots(cls, aggregates, config) -> dict[str, pd.DataFrame]:
+        out: dict[str, pd.DataFrame] = {}
+        for name, value, caption in (
+            ("stitch_error", "error", "Top-1 error of the stitched model (layer a x layer b)"),
+            ("cka", "cka", "Linear CKA (layer of model a x layer of model b)"),
+        ):
+            t = aggregates.get(name) if name in aggregates else None
+            if t is None or not len(t):
+                continue
+            t = t.sort_values(["order_a", "order_b"], kind="stable")
+            pivot = tidy_pivot(t, ["order_a", "layer_a"], "layer_b", value)
+            pivot.index = pd.Index(pivot.index.get_level_values("layer_a"), name="layer a")
+            pivot.columns = [f"b: {c}" for c in pivot.columns]
+            out[caption] = pivot
+        models = aggregates.get("models") if "models" in aggregates else None
+        if models is not None and len(models):
+            out["Each model alone"] = pd.DataFrame(
+                {
+                    "top-1 error (fraction)": models["error"].to_numpy(),
+                    "95% low": models["error_low"].to_numpy(),
+                    "95% high": models["error_high"].to_numpy(),
+                    "images": models["n"].to_numpy(),
+                },
+                index=pd.Index(models["label"].astype(str).to_numpy(), name="model"),
+            )
+        return out
+
     def summary(self, aggregates, ctx) -> dict[str, Any]:
         m = aggregates["models"].set_index("model")
         result: dict[str, Any] = {
@@ -636,6 +700,7 @@ class StitchResult:
     run_dir: Path | None = None
 
 
+@renamed_arguments(steps="train_steps")
 def stitch(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -645,7 +710,7 @@ def stitch(
     layers_a: Sequence[str] | None = None,
     layers_b: Sequence[str] | None = None,
     kernel_size: int = 1,
-    steps: int = 300,
+    train_steps: int = 300,
     lr: float = 1e-3,
     train_batch: int = 64,
     cka: bool = True,
@@ -655,11 +720,14 @@ def stitch(
     device: str | torch.device | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
-    figures: bool | None = False,
+    figures: bool | None = None,
     labels: Mapping[str, str] | None = None,
     **engine: Any,
 ) -> StitchResult:
     """Stitch every layer of ``model_a`` into every layer of ``model_b`` (and their CKA).
+
+    Figures: drawn into ``out/figures`` whenever ``out`` is given, unless
+    ``figures=False`` (the same default for every analysis function).
 
     Runs :class:`StitchAnalysis` on the engine: ``E`` learns on ``train_set``; errors
     and CKA are measured on ``test_set`` (``images``: a seeded subset). ``model_b`` may
@@ -670,7 +738,7 @@ def stitch(
     >>> from invariscope.models import create_model
     >>> net = create_model("simple-cnn")
     >>> r = stitch(net, net, create_dataset("digits", "test"), create_dataset("digits", "train"),
-    ...            layers_a=["relu2"], layers_b=["relu2"], steps=2, images=8, progress=False)
+    ...            layers_a=["relu2"], layers_b=["relu2"], train_steps=2, images=8, progress=False)
     >>> list(r.stitch_error.columns)[:5]
     ['layer_a', 'layer_b', 'order_a', 'order_b', 'error']
     """
@@ -679,7 +747,7 @@ def stitch(
         layers_a=layers_a,
         layers_b=layers_b,
         kernel_size=kernel_size,
-        steps=steps,
+        steps=train_steps,
         lr=lr,
         train_batch=train_batch,
         cka=cka,
@@ -734,7 +802,7 @@ register_analysis(
             "pool1,relu2",
             "--layers-b",
             "pool1,relu2",
-            "--steps",
+            "--train-steps",
             "20",
             "--train-batch",
             "16",
@@ -746,7 +814,7 @@ register_analysis(
         figure_order=("stitch_cka",),
         bad_inputs=(
             (("--data", "digits", "--layers-a", "wobble"), "unknown layer"),
-            (("--data", "digits", "--steps", "0"), "steps"),
+            (("--data", "digits", "--train-steps", "0"), "train-steps"),
             (("--data", "digits", "--batch-size", "2", "--images", "8"), "batch"),
             (("--data", "digits", "--kernel-size", "2"), "odd"),
         ),

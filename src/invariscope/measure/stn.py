@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from invariscope._deprecation import renamed_arguments
 from invariscope.engine import (
     Analysis,
     AnalysisEntry,
@@ -66,6 +67,7 @@ from invariscope.engine import (
 )
 from invariscope.engine import run as run_analysis
 from invariscope.errors import InvariscopeError, hint
+from invariscope.measure._present import fmt
 from invariscope.measure.pose import (
     forward_pose_matrix,
     perturbation_matrix,
@@ -281,7 +283,7 @@ class STNBenchmarkAnalysis(Analysis):
         if dup:
             raise InvariscopeError(f"architecture {', '.join(dup)} is listed twice in --archs")
         self.seeds = self._int("seeds", seeds, 1)
-        self.steps = self._int("steps", steps, 1)
+        self.steps = self._int("train-steps", steps, 1)
         self.train_batch = self._int("train-batch", train_batch, 1)
         self.train_images = (
             None if train_images is None else self._int("train-images", train_images, 1)
@@ -822,6 +824,72 @@ class STNBenchmarkAnalysis(Analysis):
             )
         return out
 
+    @classmethod
+    def headline(cls, summary, aggregates, config) -> str:
+        from invariscope.measure.aggregate import wilson_interval
+
+        errors = aggregates.get("error_table")
+        if errors is None or not len(errors):
+            return super().headline(summary, aggregates, config)
+        parts = []
+        for r in errors.itertuples(index=False):
+            if r.seeds > 1 and math.isfinite(r.error_std_pct):
+                parts.append(
+                    f"{r.label} {r.error_mean_pct:.1f}% (SD {r.error_std_pct:.1f} over {r.seeds} seeds)"
+                )
+            else:
+                k = round(r.error_mean_pct * r.n / 100)
+                lo, hi = wilson_interval(k, r.n)
+                parts.append(
+                    f"{r.label} {r.error_mean_pct:.1f}% [{100 * float(lo):.1f}, {100 * float(hi):.1f}]"
+                )
+        data = errors["data"].iloc[0] if "data" in errors.columns else summary.get("data")
+        text = (
+            f"Top-1 test error on {data} data ({summary.get('num_images')} images, 95% "
+            "intervals): " + ", ".join(parts) + "."
+        )
+        pose = aggregates.get("pose_table") if "pose_table" in aggregates else None
+        if pose is not None and len(pose) and pose["pose_sd"].notna().any():
+            measure = str(pose["measure"].iloc[0])
+            unaligned = pose["unaligned_pose_sd"].iloc[0]
+            text += (
+                f" Pose spread after the transformer ({measure.replace('_sd_deg', ' SD, degrees').replace('_', ' ')}, lower = more "
+                "of the pose undone): "
+                + ", ".join(f"{r.label} {fmt(r.pose_sd)}" for r in pose.itertuples(index=False))
+                + f", against {fmt(unaligned)} without alignment."
+            )
+        return text
+
+    @classmethod
+    def pivots(cls, aggregates, config) -> dict[str, pd.DataFrame]:
+        out: dict[str, pd.DataFrame] = {}
+        errors = aggregates.get("error_table")
+        if errors is not None and len(errors):
+            out["Test error per architecture"] = pd.DataFrame(
+                {
+                    "data": errors["data"].to_numpy(),
+                    "top-1 error (%)": errors["error_mean_pct"].to_numpy(),
+                    "SD over seeds (%)": errors["error_std_pct"].to_numpy(),
+                    "seeds": errors["seeds"].to_numpy(),
+                    "parameters": errors["params"].to_numpy(),
+                    "localisation parameters": errors["loc_params"].to_numpy(),
+                },
+                index=pd.Index(errors["label"].to_numpy(), name="architecture"),
+            )
+        pose = aggregates.get("pose_table") if "pose_table" in aggregates else None
+        if pose is not None and len(pose):
+            out["Pose spread of the transformed features within a class"] = pd.DataFrame(
+                {
+                    "angle SD (degrees)": pose["angle_sd_deg"].to_numpy(),
+                    "angle SD, arctan (degrees)": pose["angle_sd_arctan_deg"].to_numpy(),
+                    "distance SD (pixels)": pose["distance_sd_px"].to_numpy(),
+                    "log2 det SD": pose["log2_det_sd"].to_numpy(),
+                    "unaligned pose SD": pose["unaligned_pose_sd"].to_numpy(),
+                },
+                index=pd.Index(pose["label"].to_numpy(), name="architecture"),
+            )
+        return out
+
     def summary(self, aggregates, ctx) -> dict[str, Any]:
         result: dict[str, Any] = {"data": self.kind, "num_images": int(len(ctx.indices["data"]))}
         for row in aggregates["error_table"].itertuples(index=False):
@@ -859,6 +927,7 @@ class STNBenchmarkResult:
     run_dir: Path | None = None
 
 
+@renamed_arguments(steps="train_steps", augment="fresh_perturbations")
 def stn_benchmark(
     model: nn.Module,
     test_set: Dataset,
@@ -866,11 +935,11 @@ def stn_benchmark(
     *,
     archs: Sequence[str] = ("cnn", "C0", "C1", "DL1", "SL1"),
     seeds: int = 3,
-    steps: int = 2000,
+    train_steps: int = 2000,
     train_batch: int = 64,
     lr: float = 1e-3,
     train_images: int | None = None,
-    augment: bool = False,
+    fresh_perturbations: bool = False,
     family: str = "affine",
     loc_lr_scale: float = 1.0,
     examples: int = 6,
@@ -880,10 +949,13 @@ def stn_benchmark(
     device: str | torch.device | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
-    figures: bool | None = False,
+    figures: bool | None = None,
     **engine: Any,
 ) -> STNBenchmarkResult:
     """Train and compare STN architectures around ``model``'s architecture.
+
+    Figures: drawn into ``out/figures`` whenever ``out`` is given, unless
+    ``figures=False`` (the same default for every analysis function).
 
     Runs :class:`STNBenchmarkAnalysis` on the engine (resumable with ``out``).
 
@@ -891,7 +963,7 @@ def stn_benchmark(
     >>> from invariscope.models import create_model
     >>> r = stn_benchmark(create_model("simple-cnn"), create_dataset("rotated-digits", "test"),
     ...                   create_dataset("rotated-digits", "train"), archs=["cnn", "C0"],
-    ...                   seeds=1, steps=2, train_batch=8, images=8, progress=False)
+    ...                   seeds=1, train_steps=2, train_batch=8, images=8, progress=False)
     >>> list(r.error_table["arch"])
     ['cnn', 'C0']
     """
@@ -899,11 +971,11 @@ def stn_benchmark(
         train_set,
         archs,
         seeds=seeds,
-        steps=steps,
+        steps=train_steps,
         train_batch=train_batch,
         lr=lr,
         train_images=train_images,
-        augment=augment,
+        augment=fresh_perturbations,
         family=family,
         examples=examples,
         loc_lr_scale=loc_lr_scale,
@@ -937,7 +1009,7 @@ _CONFORMANCE = (
     "--quick",
     "--train-images",
     "64",
-    "--steps",
+    "--train-steps",
     "2",
     "--images",
     "16",
@@ -973,7 +1045,7 @@ register_analysis(
             (("--data", "rotated-digits", "--archs", "cnn,XL3"), "unknown architecture"),
             (("--data", "rotated-digits", "--archs", "C5"), "beyond"),
             (("--data", "digits", "--archs", "C0"), "perturbed digit set"),
-            (("--data", "rotated-digits", "--steps", "0"), "steps"),
+            (("--data", "rotated-digits", "--train-steps", "0"), "train-steps"),
             (("--data", "rotated-digits", "--archs", "C1x2"), "iterations"),
         ),
     )

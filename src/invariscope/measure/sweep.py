@@ -72,11 +72,20 @@ from invariscope.engine import (
     register_analysis,
 )
 from invariscope.engine import run as run_analysis
+from invariscope.engine.analysis import default_headline
 from invariscope.engine.runner import DEFAULT_MAX_WORK
 from invariscope.errors import InvariscopeError
 from invariscope.measure import aggregate as agg
+from invariscope.measure._present import ci, with_unit
+from invariscope.measure._present import pivot as tidy_pivot
 from invariscope.measure._sweep_core import concat_columns, predict_chunk, prediction_columns
-from invariscope.measure.worst_case import SpatialBudget, worst_case_batch
+from invariscope.measure.worst_case import (
+    SpatialBudget,
+    budget_text,
+    worst_case_batch,
+    worst_case_headline,
+    worst_case_pivots,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +120,7 @@ class SweepResult(RunResult):
             the sweep produced (e.g. no ``accuracy_2d`` without pairs).
         run_dir: the run directory, or None for an in-memory sweep.
         summary: a few headline numbers (also stored in the run's manifest).
-        figures: paths of the figures written (empty unless ``figures=True``).
+        figures: paths of the figures written (empty when none were drawn).
         rank, world_size: this process's place in a distributed sweep (0 and 1 otherwise).
         aggregated: False on ranks other than 0 of a distributed sweep: they only write
             their share of the parts, and ``aggregates``, ``summary`` and ``figures``
@@ -525,6 +534,30 @@ class SweepAnalysis(Analysis):
     def summary(self, aggregates, ctx) -> dict[str, Any]:
         return _summary(aggregates, len(ctx.indices["data"]), self.threshold_fraction)
 
+    @classmethod
+    def headline(cls, summary, aggregates, config) -> str:
+        return _headline(summary, aggregates, config)
+
+    @classmethod
+    def pivots(cls, aggregates, config) -> dict[str, pd.DataFrame]:
+        return _pivots(aggregates)
+
+    @classmethod
+    def section_title(cls, title: str, config) -> str:
+        kinds = []
+        transforms = config.get("transforms")
+        if isinstance(transforms, Mapping) and transforms:
+            kinds.append(", ".join(str(t) for t in transforms))
+        for pair in config.get("pairs") or ():
+            if isinstance(pair, Sequence) and len(pair) == 4:
+                kinds.append(f"{pair[0]} x {pair[2]} grid")
+        if config.get("worst_case"):
+            budget = budget_text(config)
+            kinds.append(
+                f"worst case ({', '.join(budget.split(', ')[:2])})" if budget else "worst case"
+            )
+        return f"{title}: {'; '.join(kinds)}" if kinds else title
+
 
 register_analysis(
     AnalysisEntry(
@@ -620,6 +653,9 @@ def sweep(
     labels: str = "dataset",
 ) -> SweepResult:
     """Sweep ``transforms`` over their magnitudes on ``dataset`` and summarise the predictions.
+
+    Figures: drawn into ``out/figures`` whenever ``out`` is given, unless
+    ``figures=False`` (the same default for every analysis function).
 
     Runs :class:`SweepAnalysis` on the engine (:func:`invariscope.engine.run`), which
     owns resumption, distribution, the device and the figures.
@@ -808,6 +844,116 @@ def _aggregate(store, plan: _Spec, classes: list[str], fraction: float) -> dict[
             "worst_case", columns=["label", *(f"{s}_correct" for s in agg.WORST_CASE_SETTINGS)]
         )
         out["worst_case_summary"] = agg.worst_case_summary(per_image)
+    return out
+
+
+def _units(aggregates: Mapping[str, pd.DataFrame]) -> dict[str, str]:
+    tr = aggregates.get("transforms")
+    if tr is None or "unit" not in tr.columns:
+        return {}
+    return {str(t): str(u) for t, u in zip(tr["transform"], tr["unit"], strict=True)}
+
+
+def _headline(
+    summary: Mapping[str, Any], aggregates: Mapping[str, pd.DataFrame], config: Mapping[str, Any]
+) -> str:
+    """Identity accuracy, where accuracy falls to the threshold fraction of it (per
+    transformation), the weakest cell of each 2-D grid and the worst case."""
+    sentences = []
+    units = _units(aggregates)
+    n = summary.get("num_images")
+    th = aggregates.get("thresholds") if "thresholds" in aggregates else None
+    if th is not None and len(th):
+        overall = th[th["label"] == agg.ALL_CLASSES]
+        first = overall.iloc[0]
+        fraction = summary.get("threshold_fraction", 0.5)
+        sides, never = [], []
+        tr = aggregates.get("transforms")
+        lowest = (
+            dict(zip(tr["transform"], tr["min_magnitude"], strict=True))
+            if tr is not None and "min_magnitude" in tr.columns
+            else {}
+        )
+        for r in overall.itertuples(index=False):
+            values = [r.threshold_low, r.threshold_high]
+            if lowest.get(r.transform, r.identity - 1) >= r.identity:  # nothing below identity
+                values = [r.threshold_high]
+            if all(math.isnan(v) for v in values):
+                never.append(r.transform)
+                continue
+            text = "/".join("none" if math.isnan(v) else f"{v:+g}" for v in values)
+            sides.append(f"{r.transform} {text} {units.get(r.transform, '')}".rstrip())
+        text = (
+            f"On {n} images the identity accuracy is "
+            f"{ci(first.identity_accuracy, first.identity_accuracy_low, first.identity_accuracy_high)}"
+        )
+        if sides:
+            text += f"; it falls to {fraction:g} of that at " + ", ".join(sides)
+            text += " (below/above identity; none = not within the swept range)"
+        if never:
+            text += f"; under {', '.join(never)} it stays above that within the swept range"
+        sentences.append(text + ".")
+    grid = aggregates.get("accuracy_2d") if "accuracy_2d" in aggregates else None
+    if grid is not None and len(grid):
+        for (a, b), g in grid.groupby(["transform_a", "transform_b"], sort=False):
+            w = g.loc[g["accuracy"].idxmin()]
+            sentences.append(
+                f"On the {a} x {b} grid the lowest accuracy is "
+                f"{ci(w.accuracy, w.accuracy_low, w.accuracy_high)} at {a} "
+                f"{w.magnitude_a:+g}, {b} {w.magnitude_b:+g}."
+            )
+    wc = aggregates.get("worst_case_summary") if "worst_case_summary" in aggregates else None
+    if wc is not None and len(wc):
+        budget = config.get("worst_case") if isinstance(config.get("worst_case"), Mapping) else {}
+        text = worst_case_headline(wc, None, budget_text(config), budget.get("k"))
+        sentences.append(f"Worst case: {text[:1].lower()}{text[1:]}")
+    return " ".join(sentences) or default_headline(summary)
+
+
+def _pivots(aggregates: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Thresholds (transformation x side), accuracy per magnitude of each transformation,
+    each 2-D grid (magnitude x magnitude) and the worst case."""
+    out: dict[str, pd.DataFrame] = {}
+    units = _units(aggregates)
+    th = aggregates.get("thresholds") if "thresholds" in aggregates else None
+    if th is not None and len(th):
+        overall = th[th["label"] == agg.ALL_CLASSES]
+        out["Where accuracy falls to the threshold fraction of the identity accuracy"] = (
+            pd.DataFrame(
+                {
+                    "unit": [units.get(t, "") for t in overall["transform"]],
+                    "identity accuracy (fraction correct)": overall["identity_accuracy"].to_numpy(),
+                    "below identity": overall["threshold_low"].to_numpy(),
+                    "above identity": overall["threshold_high"].to_numpy(),
+                },
+                index=pd.Index(overall["transform"].to_numpy(), name="transformation"),
+            )
+        )
+    acc = aggregates.get("accuracy") if "accuracy" in aggregates else None
+    if acc is not None and len(acc):
+        for name, g in acc.groupby("transform", sort=False):
+            out[f"Accuracy under {name}"] = pd.DataFrame(
+                {
+                    "accuracy (fraction correct)": g["accuracy"].to_numpy(),
+                    "95% low": g["accuracy_low"].to_numpy(),
+                    "95% high": g["accuracy_high"].to_numpy(),
+                    "mean p(true class)": g["mean_p_true"].to_numpy(),
+                },
+                index=pd.Index(g["magnitude"].to_numpy(), name=with_unit(name, units.get(name))),
+            )
+    grid = aggregates.get("accuracy_2d") if "accuracy_2d" in aggregates else None
+    if grid is not None and len(grid):
+        for (a, b), g in grid.groupby(["transform_a", "transform_b"], sort=False):
+            g = g.sort_values(["magnitude_a", "magnitude_b"])
+            pivot = tidy_pivot(g, "magnitude_a", "magnitude_b", "accuracy")
+            pivot.index.name = with_unit(a, units.get(a))
+            pivot.columns = [f"{b} {v:+g}" for v in pivot.columns]
+            out[
+                f"Accuracy (fraction correct) on the {a} x {b} grid ({b} in {units.get(b, '')})"
+            ] = pivot
+    wc = aggregates.get("worst_case_summary") if "worst_case_summary" in aggregates else None
+    if wc is not None and len(wc):
+        out.update(worst_case_pivots(wc, aggregates.get("classes")))
     return out
 
 

@@ -47,6 +47,8 @@ from invariscope.engine import run as run_analysis
 from invariscope.engine.execution import check_logits
 from invariscope.engine.random import uniform_per_image
 from invariscope.errors import InvariscopeError
+from invariscope.measure._present import ci, fmt
+from invariscope.measure._present import pivot as tidy_pivot
 
 __all__ = [
     "SpatialBudget",
@@ -277,6 +279,105 @@ class WorstCaseAnalysis(Analysis):
             "worst_case": {r.setting: float(r.accuracy) for r in overall.itertuples(index=False)},
         }
 
+    @classmethod
+    def headline(cls, summary, aggregates, config) -> str:
+        table = aggregates.get("worst_case_summary")
+        if table is None:
+            return super().headline(summary, aggregates, config)
+        k = config.get("worst_case", {}).get("k") if isinstance(config, Mapping) else None
+        return worst_case_headline(table, summary.get("num_images"), budget_text(config), k)
+
+    @classmethod
+    def pivots(cls, aggregates, config) -> dict[str, pd.DataFrame]:
+        table = aggregates.get("worst_case_summary")
+        if table is None:
+            return {}
+        return worst_case_pivots(table, aggregates.get("classes"))
+
+    @classmethod
+    def section_title(cls, title: str, config) -> str:
+        budget = budget_text(config)
+        return f"{title} ({budget})" if budget else title
+
+
+#: The label of the all-classes rows (``aggregate.ALL_CLASSES``; not imported: a cycle).
+_ALL_CLASSES = -1
+
+#: How the report names each worst-case setting.
+SETTING_NAMES = {
+    "natural": "natural (untransformed)",
+    "random": "random (one draw in the budget)",
+    "worst_of_k": "worst of k random draws",
+    "grid": "grid (worst over the whole grid)",
+}
+
+
+def budget_text(config: Mapping[str, Any]) -> str:
+    """``"+-30 deg, +-3 px, grid 31x5x5, k=10"`` from a run's ``config["worst_case"]``."""
+    budget = config.get("worst_case")
+    if not isinstance(budget, Mapping):
+        return ""
+    try:
+        return SpatialBudget(**budget).describe()
+    except (TypeError, ValueError, InvariscopeError):
+        return ""
+
+
+def worst_case_headline(
+    table: pd.DataFrame, num_images: Any, budget: str = "", k: Any = None
+) -> str:
+    """The worst-case finding: accuracy per setting (all classes) with 95% intervals."""
+    overall = table[table["label"] == _ALL_CLASSES].set_index("setting")
+    if overall.empty:
+        return ""
+    parts = [
+        f"{_setting_word(s, k)} {ci(r.accuracy, r.accuracy_low, r.accuracy_high)}"
+        for s, r in overall.iterrows()
+    ]
+    where = f" within {', '.join(budget.split(', ')[:2])}" if budget else ""
+    images = f" on {num_images} images" if num_images is not None else ""
+    text = f"Top-1 accuracy{images}{where}: " + ", ".join(parts) + " (95% intervals)."
+    if {"natural", "grid"} <= set(overall.index):
+        drop = float(overall.loc["natural", "accuracy"]) - float(overall.loc["grid", "accuracy"])
+        text += (
+            f" The worst rotation and shift per image costs {fmt(drop)} of accuracy "
+            "against the untransformed images."
+        )
+    return text
+
+
+def _setting_word(setting: str, k: Any = None) -> str:
+    if setting == "worst_of_k" and isinstance(k, int):
+        return f"worst-of-{k}"
+    return setting.replace("_", "-")
+
+
+def worst_case_pivots(
+    table: pd.DataFrame, classes: pd.DataFrame | None = None
+) -> dict[str, pd.DataFrame]:
+    """Accuracy per setting (rows) with intervals; accuracy per class x setting."""
+    overall = table[table["label"] == _ALL_CLASSES]
+    settings = pd.DataFrame(
+        {
+            "images": overall["n"].to_numpy(),
+            "accuracy (fraction correct)": overall["accuracy"].to_numpy(),
+            "95% low": overall["accuracy_low"].to_numpy(),
+            "95% high": overall["accuracy_high"].to_numpy(),
+        },
+        index=pd.Index([SETTING_NAMES.get(s, s) for s in overall["setting"]], name="setting"),
+    )
+    per_class = table[table["label"] != _ALL_CLASSES]
+    out = {"Accuracy under the worst-case search": settings}
+    if len(per_class):
+        names = {}
+        if classes is not None and {"label", "name"} <= set(classes.columns):
+            names = dict(zip(classes["label"], classes["name"].astype(str), strict=True))
+        pivot = tidy_pivot(per_class, "label", "setting", "accuracy")
+        pivot.index = pd.Index([names.get(k, str(k)) for k in pivot.index], name="class")
+        pivot.columns = [f"{s.replace('_', '-')} accuracy" for s in pivot.columns]
+        out["Accuracy per class and setting (fraction correct)"] = pivot
+    return out
+
 
 register_analysis(
     AnalysisEntry(
@@ -338,10 +439,13 @@ def worst_case_spatial(
     device: str | torch.device | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
-    figures: bool | None = False,
+    figures: bool | None = None,
     **engine: Any,
 ) -> WorstCaseResult:
     """Natural / random / worst-of-k / grid accuracy under rotation x translation.
+
+    Figures: drawn into ``out/figures`` whenever ``out`` is given, unless
+    ``figures=False`` (the same default for every analysis function).
 
     Runs :class:`WorstCaseAnalysis` on the engine (resumable with ``out``, distributable;
     ``engine`` takes the other options of :func:`invariscope.engine.run`).

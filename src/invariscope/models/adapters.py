@@ -89,13 +89,50 @@ def arch_kind(arch: str) -> str | None:
     return None
 
 
-def import_optional(module: str, extra: str):
+def _torchvision_mismatch(exc: BaseException, arch: str | None) -> str:
+    """The fix for a torchvision build that does not match the installed torch (its C++
+    operators, ``torchvision::nms`` first, fail to register): which release and index to
+    install, or the built-in zoo twin of the model."""
+    from importlib import metadata
+
+    try:
+        installed = f"torchvision {metadata.version('torchvision')}"
+    except metadata.PackageNotFoundError:
+        installed = "torchvision"
+    version = torch.__version__
+    base, _, local = version.partition("+")
+    major, minor = (base.split(".") + ["0", "0"])[:2]
+    if major == "2" and minor.isdigit():  # torch 2.M pairs with torchvision 0.(M + 15)
+        release, pin = f"torchvision 0.{int(minor) + 15}", f"torchvision==0.{int(minor) + 15}.*"
+    else:
+        release, pin = "the torchvision release", "torchvision"
+    command = f"pip install '{pin}'" + (
+        f" --index-url https://download.pytorch.org/whl/{local}" if local else ""
+    )
+    name = (arch or "").partition(":")[2]
+    zoo = (
+        f"use the built-in zoo name '{name}' (--model {name}), which mirrors torchvision's "
+        "module tree"
+        if name in _MODELS
+        else "use a built-in zoo model (see 'invariscope models'), which mirrors "
+        "torchvision's module tree"
+    )
+    return (
+        f"{installed} is installed but does not match torch {version} ({_first_line(exc)}): "
+        "it is a build for another torch, e.g. a CUDA wheel against a CPU torch; install "
+        f"{release}, the one made for torch {base}, from the same index as torch ({command}), "
+        f"or {zoo}"
+    )
+
+
+def import_optional(module: str, extra: str, arch: str | None = None):
     """Import ``module`` of an optional extra, explaining what to do when it fails.
 
     Raises:
         InvariscopeError: the package is not installed (names the pip extra), or it is
             installed but its import fails (a broken install: the original error is
-            quoted and chained, not swallowed).
+            quoted and chained, not swallowed; a torchvision built for another torch is
+            named as such, with the release and index that match).
     """
     top = module.partition(".")[0]
     install = f"pip install -c constraints.txt 'invariscope[{extra}]'"
@@ -113,9 +150,13 @@ def import_optional(module: str, extra: str):
             f"repair the installation: {install}"
         ) from exc
     except Exception as exc:
+        text = str(exc)
+        if top == "torchvision" and ("torchvision::" in text or "does not exist" in text):
+            raise InvariscopeError(_torchvision_mismatch(exc, arch)) from exc
         raise InvariscopeError(
             f"{top} is installed but importing {module} failed ({_first_line(exc)}); "
-            f"it may not match torch {torch.__version__}; reinstall it: {install}"
+            f"it may not match torch {torch.__version__}: install the {top} release made for "
+            f"torch {torch.__version__} from the same index as torch ({install})"
         ) from exc
 
 
@@ -201,10 +242,14 @@ def build_net(arch: str, arch_kwargs: Mapping[str, Any]) -> tuple[nn.Module, dic
         return _call(_import_factory(arch), kwargs, arch), {}
     if kind == "torchvision":
         name = arch.partition(":")[2]
-        tvm = import_optional("torchvision.models", "torchvision")
+        tvm = import_optional("torchvision.models", "torchvision", arch)
         if hasattr(tvm, "list_models") and hasattr(tvm, "get_model_builder"):  # >= 0.14
             known = list(tvm.list_models())
             builder = tvm.get_model_builder(name) if name in known else None
+        elif hasattr(tvm, "list_models") and hasattr(tvm, "get_model"):
+            known = list(tvm.list_models())
+            get_model = tvm.get_model
+            builder = (lambda **kw: get_model(name, **kw)) if name in known else None
         else:
             known = [
                 n
@@ -221,7 +266,7 @@ def build_net(arch: str, arch_kwargs: Mapping[str, Any]) -> tuple[nn.Module, dic
         return net, {"input_size": (3, 224, 224), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     if kind == "timm":
         name = arch.partition(":")[2]
-        timm = import_optional("timm", "timm")
+        timm = import_optional("timm", "timm", arch)
         if not timm.is_model(name):
             close = difflib.get_close_matches(name, timm.list_models(), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""

@@ -8,8 +8,9 @@ spec                                   what is loaded
 ``simple-cnn`` (registry name)         the built-in net, fresh or with ``weights``
 ``package.module:factory``             ``factory(**model_kwargs)``; a plain network
                                        is wrapped with default preprocessing
-``torchvision:<name>``                 built with ``weights=None``; needs ``weights``
-``timm:<name>``                        built with ``pretrained=False``; needs ``weights``
+``torchvision:<name>``                 built with ``weights=None``; random weights
+                                       (with a warning) unless ``weights`` is given
+``timm:<name>``                        built with ``pretrained=False``; the same
 =====================================  =============================================
 
 Registry names include the pretrained models of :mod:`invariscope.models.pretrained`
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from invariscope.errors import InvariscopeError, unknown_name
+from invariscope.errors import InvariscopeError, hint, unknown_name, warn
 from invariscope.models import pretrained  # noqa: F401  (registers the pretrained models)
 from invariscope.models.adapters import (
     _accepts,
@@ -69,8 +70,9 @@ def load_model(
     Args:
         spec: checkpoint path, registry name, ``module:factory``, ``torchvision:<n>``,
             ``timm:<n>``.
-        weights: optional weights file (required for torchvision/timm, refused with a
-            checkpoint, which holds its own).
+        weights: optional weights file (refused with a checkpoint, which holds its own);
+            without one, a torchvision/timm or registry architecture has random weights
+            (torchvision/timm say so in a warning: weights are never downloaded).
         num_classes: number of outputs; passed to the architecture when it takes a
             ``num_classes`` argument (registry, torchvision, timm, factories that do),
             else checked against the network's output. Defaults to ``len(class_names)``.
@@ -81,8 +83,7 @@ def load_model(
 
     Raises:
         InvariscopeError: unknown spec (lists the registry names), missing file,
-            torchvision/timm without ``weights`` or not installed, weights that do not
-            fit.
+            torchvision/timm not installed or broken, weights that do not fit.
     """
     text = os.fspath(spec)
     overrides = {
@@ -122,11 +123,6 @@ def load_model(
         if os.sep in text or "/" in text or text.endswith(_WEIGHT_SUFFIXES):
             raise InvariscopeError(f"model file not found: {text}")
         raise unknown_name("model", text, list_models())
-    if kind in ("torchvision", "timm") and weights is None:
-        raise InvariscopeError(
-            f"model '{text}' needs a local weights file: weights cannot be downloaded "
-            "offline; pass --weights FILE (weights=FILE)"
-        )
     kwargs = dict(model_kwargs or {})
     if num_classes is not None and "num_classes" not in kwargs:
         takes_k = kind in ("registry", "torchvision", "timm")
@@ -144,6 +140,8 @@ def load_model(
         validate=True,
         **overrides,
     )
+    if weights is None and kind in ("torchvision", "timm"):
+        warn(f"{text} has random weights (no {hint('weights=FILE', '--weights')} given)")
     if weights is not None:
         state, meta = read_weights(weights)
         load_state(model, state, os.fspath(weights))

@@ -52,6 +52,8 @@ LAYER_LABEL = (
 )
 #: Legend text of the error bars and bands.
 INTERVAL_LABEL = "error bars: 95% interval (mean ± 1.96 SE)"
+#: The widest a figure is drawn (inches; 1600 px at the saved 150 dpi, less a margin).
+MAX_WIDTH_IN = 10.4
 BAND_LABEL = "band: 95% interval"
 
 
@@ -102,9 +104,88 @@ def _log_limits(ax, low: float, high: float, room: float) -> None:
 
 #: (column, panel title, y label)
 _PANELS = (
-    ("lee", "LEE: mean squared Lie derivative of the logits", LEE_LABEL),
-    ("lee_abs", "mean ℓ₁ norm of the Lie derivative of the logits", LEE_ABS_LABEL),
+    ("lee", "LEE (mean squared Lie derivative)", LEE_LABEL),
+    ("lee_abs", "mean ℓ₁ norm of the Lie derivative", LEE_ABS_LABEL),
 )
+
+
+def _unit_label(label: str, unit: str) -> str:
+    """A y label's generic ``unit`` replaced by the panel's own (``per px²``)."""
+    return label.replace("unit", unit) if unit else label
+
+
+def _lee_panel(ax, sub, column, title, ylabel, unit, units, colours) -> bool:
+    """One panel of ``lee``: bars of ``column`` for the transformations of one unit, with
+    95% error bars (and the median for LEE) on a log axis; whether a median was drawn."""
+    transforms = list(sub.index)
+    x = np.arange(len(transforms), dtype=float)
+    values = sub[column].to_numpy(dtype=float)
+    low = sub.get(f"{column}_low", pd.Series(np.nan, index=sub.index)).to_numpy(dtype=float)
+    high = sub.get(f"{column}_high", pd.Series(np.nan, index=sub.index)).to_numpy(dtype=float)
+    finite = np.isfinite(values)
+    ax.bar(
+        x[finite],
+        values[finite],
+        width=0.65,
+        color=[colours[t] for t, f in zip(transforms, finite, strict=True) if f],
+        edgecolor="black",
+        linewidth=0.5,
+    )
+    shown = _positive(values)
+    floor = shown.min() / 10 if len(shown) else 1e-12
+    # a lower bound at or below 0 (mean - 1.96 SE) runs to the bottom of the log axis
+    lower = np.where(np.isfinite(low), np.maximum(low, floor), values)
+    upper = np.where(np.isfinite(high), high, values)
+    spans = np.nan_to_num(np.stack([values - lower, upper - values]), nan=0.0).clip(min=0.0)
+    if (np.isfinite(low) | np.isfinite(high)).any():
+        ax.errorbar(
+            x[finite],
+            values[finite],
+            yerr=spans[:, finite],
+            fmt="none",
+            ecolor="black",
+            elinewidth=0.9,
+            capsize=3,
+        )
+    medians = np.full(len(transforms), np.nan)
+    has_median = False
+    if column == "lee" and "median_lee" in sub.columns:
+        medians = sub["median_lee"].to_numpy(dtype=float)
+        ok = np.isfinite(medians) & (medians > 0)
+        if ok.any():
+            has_median = True
+            ax.plot(
+                x[ok], medians[ok], ls="none", marker="D", ms=5, mfc="white", mec="black", zorder=3
+            )
+    ax.set_yscale("log")
+    for xv, v, top in zip(x, values, np.fmax(upper, values), strict=True):
+        if not np.isfinite(v):
+            ax.text(xv, 0.02, "n/a", transform=ax.get_xaxis_transform(), ha="center")
+            continue
+        ax.annotate(
+            f"{v:.3g}",
+            (xv, top if np.isfinite(top) and top > 0 else v),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    everything = _positive(values, lower, upper, medians)
+    if len(everything):
+        _log_limits(ax, everything.min(), everything.max(), room=0.5)
+    ticks = [_tick(t, units) for t in transforms]
+    ax.set_xticks(x, ticks, fontsize=8)
+    if sum(len(t) for t in ticks) * 0.07 > 0.9 * max(0.75 * len(ticks) + 0.5, 1.0):
+        ax.tick_params(axis="x", labelrotation=30)
+        for tick in ax.get_xticklabels():
+            tick.set_horizontalalignment("right")
+    ax.set_xlim(-0.6, len(transforms) - 0.4)
+    ax.set_ylabel(_unit_label(ylabel, unit), fontsize=8)
+    ax.set_title(f"{title}\nper {unit}" if unit else title, fontsize=8)
+    ax.grid(axis="y", which="major", alpha=0.3)
+    ax.set_axisbelow(True)
+    return has_median
 
 
 def _lee_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
@@ -124,85 +205,35 @@ def _lee_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
     if not panels:
         return None
     colours = _colours(order)
-    width = max(3.6, len(transforms) * 0.85 + 1.4)
-    fig = Figure(figsize=(width * len(panels) + 0.4, 4.6), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    x = np.arange(len(transforms), dtype=float)
+    # one panel per unit (values per pixel and per degree do not share an axis): a row of
+    # unit panels per measure, wrapped to the page width
+    groups: dict[str, list[str]] = {}
+    for t in transforms:
+        groups.setdefault(units.get(t, ""), []).append(t)
+    widths = {u: max(2.4, 0.75 * len(ts) + 1.5) for u, ts in groups.items()}
+    cols = 1
+    for n in range(len(groups), 0, -1):  # the most unit panels a row fits
+        if max(widths.values()) * n + 0.4 <= MAX_WIDTH_IN:
+            cols = n
+            break
+    per_measure = math.ceil(len(groups) / cols)
+    rows = per_measure * len(panels)
+    width = max(widths.values())
+    fig = Figure(figsize=(width * cols + 0.4, 3.6 * rows + 1.0), layout="constrained")
+    grid = fig.subplots(rows, cols, squeeze=False)
     has_median = False
-    for ax, (column, title, ylabel) in zip(axes, panels, strict=True):
-        values = sub[column].to_numpy(dtype=float)
-        low = sub.get(f"{column}_low", pd.Series(np.nan, index=sub.index)).to_numpy(dtype=float)
-        high = sub.get(f"{column}_high", pd.Series(np.nan, index=sub.index)).to_numpy(dtype=float)
-        finite = np.isfinite(values)
-        ax.bar(
-            x[finite],
-            values[finite],
-            width=0.65,
-            color=[colours[t] for t, f in zip(transforms, finite, strict=True) if f],
-            edgecolor="black",
-            linewidth=0.5,
-        )
-        shown = _positive(values)
-        floor = shown.min() / 10 if len(shown) else 1e-12
-        # a lower bound at or below 0 (mean - 1.96 SE) runs to the bottom of the log axis
-        lower = np.where(np.isfinite(low), np.maximum(low, floor), values)
-        upper = np.where(np.isfinite(high), high, values)
-        spans = np.nan_to_num(np.stack([values - lower, upper - values]), nan=0.0).clip(min=0.0)
-        if (np.isfinite(low) | np.isfinite(high)).any():
-            ax.errorbar(
-                x[finite],
-                values[finite],
-                yerr=spans[:, finite],
-                fmt="none",
-                ecolor="black",
-                elinewidth=0.9,
-                capsize=3,
+    used = set()
+    for m, (column, title, ylabel) in enumerate(panels):
+        for g, (unit, names) in enumerate(groups.items()):
+            r, c = m * per_measure + g // cols, g % cols
+            used.add((r, c))
+            has_median |= _lee_panel(
+                grid[r, c], sub.reindex(names), column, title, ylabel, unit, units, colours
             )
-        medians = np.full(len(transforms), np.nan)
-        if column == "lee" and "median_lee" in sub.columns:
-            medians = sub["median_lee"].to_numpy(dtype=float)
-            ok = np.isfinite(medians) & (medians > 0)
-            if ok.any():
-                has_median = True
-                ax.plot(
-                    x[ok],
-                    medians[ok],
-                    ls="none",
-                    marker="D",
-                    ms=5,
-                    mfc="white",
-                    mec="black",
-                    zorder=3,
-                )
-        ax.set_yscale("log")
-        for xv, v, top in zip(x, values, np.fmax(upper, values), strict=True):
-            if not np.isfinite(v):
-                ax.text(xv, 0.02, "n/a", transform=ax.get_xaxis_transform(), ha="center")
-                continue
-            ax.annotate(
-                f"{v:.3g}",
-                (xv, top if np.isfinite(top) and top > 0 else v),
-                xytext=(0, 3),
-                textcoords="offset points",
-                ha="center",
-                va="bottom",
-                fontsize=7,
-            )
-        everything = _positive(values, lower, upper, medians)
-        _log_limits(ax, everything.min(), everything.max(), room=0.5)
-        ticks = [_tick(t, units) for t in transforms]
-        ax.set_xticks(x, ticks, fontsize=8)
-        # about 0.07 inch a character at 8 pt: rotate labels that would touch
-        if max(0.07 * len(t) for t in ticks) > 0.9 * (width - 1.4) / len(transforms):
-            ax.tick_params(axis="x", labelrotation=30)
-            for tick in ax.get_xticklabels():
-                tick.set_horizontalalignment("right")
-        ax.set_xlim(-0.6, len(transforms) - 0.4)
-        ax.set_xlabel("transformation (units of t)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=9)
-        ax.grid(axis="y", which="major", alpha=0.3)
-        ax.set_axisbelow(True)
+    for r in range(rows):
+        for c in range(cols):
+            if (r, c) not in used:
+                grid[r, c].axis("off")
     handles = [Line2D([], [], color="black", lw=0.9, marker="_", ms=6)]
     labels = [INTERVAL_LABEL]
     if has_median:

@@ -63,6 +63,8 @@ _OKABE_ITO = [
 #: Fixed colours of the two roles, so every figure draws the baseline alike.
 _ROLE_COLOURS = {"baseline": "#E69F00", "model": "#0072B2"}
 _ROLE_RANK = {"baseline": 0, "model": 1}
+#: The widest a figure is drawn (inches; 1600 px at the saved 150 dpi, less a margin).
+MAX_WIDTH_IN = 10.4
 #: Legend text of the error bars and bands.
 INTERVAL_LABEL = "error bars: 95% interval"
 #: y-axis label of the nonshiftability panels (Azulay & Weiss 2019, figure 10).
@@ -177,6 +179,13 @@ class _Context:
 
 def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _highest(values) -> float:
+    """The largest finite value (0 when there is none)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.max()) if len(v) else 0.0
 
 
 def _select(table: pd.DataFrame, model: str, protocol: str) -> pd.DataFrame:
@@ -294,6 +303,8 @@ def _pcorrect_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
 
 #: (column, panel title, y label, fraction in 0..1)
 _METRICS = (
+    # accuracy first: stability means little where the model is near chance on the frames
+    ("accuracy", "accuracy on the frames", "fraction of frames\nwith the correct top-1", True),
     ("jagged", "jagged images (fraction)", "fraction of images", True),
     ("p_top1_change", "P(top-1 change) between adjacent frames", "probability", True),
     (
@@ -416,11 +427,14 @@ def _stability_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
         panels.append((shown, title, ylabel, fraction, column == "p_top1_change"))
     if not panels:
         return None
-    rows, cols = _grid(len(panels), max_cols=3)
     width = max(3.6, 0.32 * len(protocols) * len(models) + 1.6)
+    # as many columns as fit the page (MAX_WIDTH_IN), at most 3
+    rows, cols = _grid(len(panels), max_cols=max(1, min(3, int((MAX_WIDTH_IN - 1.8) // width))))
     fig = Figure(figsize=(width * cols + 1.8, 3.3 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     rotated = len(protocols) * len(models) > 12
+    classes = _present(tables, "classes")
+    chance = 1.0 / len(classes) if classes is not None and len(classes) > 1 else math.nan
     for ax, (column, title, ylabel, fraction, mark_first) in zip(axes.flat, panels, strict=False):
         groups = [f"{p} *" if mark_first and p in first else p for p in protocols]
         series = []
@@ -431,6 +445,9 @@ def _stability_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
             values, low, high = _interval(sub, column)
             series.append((ctx.label(model), ctx.colour(model), values, low, high))
         top = _bars(ax, groups, series, group_inches=(width - 1.0) / len(protocols))
+        if column == "accuracy" and math.isfinite(chance):
+            ax.axhline(chance, color="black", ls="--", lw=0.9)
+            top = max(top, chance)
         _limits(ax, top, fraction, rotated)
         ax.set_title(title, fontsize=9)
         ax.set_ylabel(ylabel, fontsize=8)
@@ -444,6 +461,9 @@ def _stability_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
     labels = [ctx.label(m) for m in models]
     handles.append(Line2D([], [], color="black", lw=0.9, marker="_", ms=6))
     labels.append(INTERVAL_LABEL)
+    if panels[0][0] == "accuracy" and math.isfinite(chance):
+        handles.append(Line2D([], [], color="black", ls="--", lw=0.9))
+        labels.append(f"chance (1/{len(classes)} classes)")
     if spare:  # the legend takes the free panel's place
         spare[0].legend(handles, labels, loc="center", fontsize=9)
     else:
@@ -491,6 +511,7 @@ def _nonshiftability_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None
     )
     axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
     banded = False
+    top = 0.0  # the highest value drawn in any panel: the shared y-axis must reach it
     for r, protocol in enumerate(protocols):
         for c, model in enumerate(models):
             ax = axes[r, c]
@@ -503,6 +524,7 @@ def _nonshiftability_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None
                 alpha = float(np.clip(5.0 / max(sub["index"].nunique(), 1), 0.12, 0.4))
                 for _, image in sub.groupby("index", sort=True):
                     image = image.sort_values("layer_order")
+                    top = max(top, _highest(image["nonshiftability"]))
                     ax.plot(
                         image["layer"].astype(str).map(where),
                         image["nonshiftability"].astype(float),
@@ -524,6 +546,7 @@ def _nonshiftability_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None
                             xs, low, high, where=finite, color=colour, alpha=0.25, linewidth=0
                         )
                         banded = True
+                        top = max(top, _highest(high[finite]))
             if xs is None and per_image is not None:
                 sub = _select(per_image, model, protocol)
                 if len(sub):
@@ -534,15 +557,18 @@ def _nonshiftability_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None
                     xs, ys = xs[order], avg.to_numpy(dtype=float)[order]
             if xs is not None:
                 ax.plot(xs, ys, color=colour, lw=2.6, marker="o", ms=3.5, zorder=3)
+                top = max(top, _highest(ys))
             ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
             ax.set_xlim(-0.5, len(names) - 0.5)
-            ax.set_ylim(bottom=0)
             ax.set_title(_panel_title(ctx.label(model), protocol, wrap), fontsize=9)
             ax.grid(alpha=0.3)
             if r == rows - 1:
                 ax.set_xlabel("layer (input → output)")
             if c == 0:
                 ax.set_ylabel(NONSHIFTABILITY_LABEL, fontsize=8)
+    # one y-range for every panel (shared), set after all are drawn: from 0 to the highest
+    # value of any panel (a limit set per panel would clip the panels drawn after it)
+    axes[0, 0].set_ylim(0, 1.05 * top if top > 0 else 1.0)
     handles = [
         Line2D([], [], color="0.4", lw=0.7, alpha=0.6),
         Line2D([], [], color="0.2", lw=2.6, marker="o", ms=3.5),

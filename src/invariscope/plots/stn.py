@@ -68,8 +68,18 @@ def _bars(
     x = np.arange(len(table))
     palette = palette or {}
     colours = [palette.get(a, _OKABE_ITO[i % len(_OKABE_ITO)]) for i, a in enumerate(table["arch"])]
-    errs = [_sd(v) for v in table[spread]]
-    ax.bar(x, table[column], yerr=errs, capsize=4, color=colours, edgecolor="black", lw=0.5)
+    seeds = int(table["seeds"].max()) if "seeds" in table else 1
+    # one seed has no spread: no error bars (a zero-height bar would read as "no spread")
+    errs = [_sd(v) for v in table[spread]] if seeds > 1 else [0.0] * len(table)
+    ax.bar(
+        x,
+        table[column],
+        yerr=errs if seeds > 1 else None,
+        capsize=4,
+        color=colours,
+        edgecolor="black",
+        lw=0.5,
+    )
     for xi, v in zip(x, table[column], strict=True):  # inside the bar: clear of the error bar
         ax.text(
             xi,
@@ -90,17 +100,15 @@ def _bars(
         ax.legend(loc="upper left", fontsize=8, frameon=True)
         top = max(top, reference[0])
     ax.set_ylim(0, 1.15 * top if top > 0 else 1.0)  # room for the note above the bars
-    seeds = int(table["seeds"].max()) if "seeds" in table else 1
-    if seeds > 1:
-        ax.text(
-            0.99,
-            0.98,
-            f"error bars: ± 1 SD over {seeds} seeds",
-            transform=ax.transAxes,
-            ha="right",
-            va="top",
-            fontsize=8,
-        )
+    ax.text(
+        0.99,
+        0.98,
+        f"error bars: ± 1 SD over {seeds} seeds" if seeds > 1 else "n = 1 seed: no error bars",
+        transform=ax.transAxes,
+        ha="right",
+        va="top",
+        fontsize=8,
+    )
     return fig
 
 

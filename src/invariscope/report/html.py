@@ -7,10 +7,16 @@ Layout of a report directory::
       runs/<k>-<slug>/<fig>.png  the figures of run k, copied beside the page
 
 Each run becomes a ``<section id="run-<k>-<slug>">``, dispatched on the analysis named in
-its configuration through :func:`invariscope.engine.registry.get_analysis`: the entry
-gives the title, the paper, two sentences on what the measure means, the aggregate
-tables to show and the order of the figures. A run of an analysis this version does not
-know still gets a section (all its figures and tables) with a note.
+its configuration through :func:`invariscope.engine.registry.get_analysis`; sections
+follow the registry's order (sweeps first), runs of one analysis in the order given.
+A section opens with the analysis's headline finding (``Analysis.headline``: numbers
+with intervals), what the measure means and the paper, then its pivoted tables
+(``Analysis.pivots``: layer x transformation, model x protocol, ... with units), then its
+figures (one per row; a wide one spreads to the window and links to its full size), then
+a collapsed "All values" block with the stored summary and aggregate tables, then the
+run's provenance. Titles are made distinct (``Analysis.section_title``, else the run
+directory's name). A run of an analysis this version does not know still gets a section
+(all its figures and tables) with a note.
 
 Everything comes from the run directory (config, manifest, meta, aggregates, figures):
 rendering never measures and never loads a model. All text is escaped; the page is
@@ -28,7 +34,7 @@ import re
 import shutil
 import struct
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,8 @@ __all__ = ["MAX_ROWS", "build_report", "run_slug", "section_id"]
 MAX_ROWS = 60
 #: Tables with more rows than this start collapsed.
 OPEN_ROWS = 30
+#: CSS pixels of the text column: a wider figure spreads to the window's width.
+TEXT_WIDTH = 1000
 _MAX_TEXT = 80
 _MAX_ITEMS = 4
 _FIGURES = "figures"
@@ -136,7 +144,7 @@ def _cell(value: Any, tag: str = "td", numeric: bool = False, items: int = _MAX_
     return f"<{tag}{cls}{title}>{_e(short)}</{tag}>"
 
 
-def _frame_html(frame: pd.DataFrame, max_rows: int = MAX_ROWS) -> str:
+def _frame_html(frame: pd.DataFrame, max_rows: int = MAX_ROWS, cls: str = "data") -> str:
     """An HTML table of the first ``max_rows`` rows of ``frame`` (all text escaped)."""
     shown = frame.head(max_rows)
     columns = list(frame.columns)
@@ -156,7 +164,7 @@ def _frame_html(frame: pd.DataFrame, max_rows: int = MAX_ROWS) -> str:
         for row in zip(*values, strict=True)
     )
     return (
-        f'<div class="scroll"><table class="data"><thead><tr>{head}</tr></thead>'
+        f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead>'
         f"<tbody>\n{body}\n</tbody></table></div>"
     )
 
@@ -221,6 +229,18 @@ def _png_display_size(path: Path) -> tuple[int, int] | None:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def _png_pixels(path: Path) -> tuple[int, int] | None:
+    """(width, height) in pixels from the PNG header; None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return None
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return struct.unpack(">II", head[16:24])
+
+
 def _figures(run_dir: Path, order: Sequence[str]) -> list[Path]:
     """The run's PNG figures: those named in ``order`` first (in that order), then sorted."""
     folder = run_dir / _FIGURES
@@ -244,6 +264,7 @@ class _Run:
     entry: Any = None  # AnalysisEntry, or None for an analysis this version does not know
     unknown_reason: str = ""
     figures: list[Path] = field(default_factory=list)
+    title: str = ""
 
     @property
     def id(self) -> str:
@@ -254,10 +275,49 @@ class _Run:
         return f"{self.k}-{run_slug(self.run_dir)}"
 
     @property
-    def title(self) -> str:
-        if self.entry is not None:
-            return self.entry.title
-        return f"Analysis '{self.analysis}'" if self.analysis else "Unnamed analysis"
+    def rank(self) -> int:
+        """Where the analysis stands in the registry (unknown analyses last)."""
+        return _registry_rank().get(self.analysis, len(_registry_rank()))
+
+    def hook(self, name: str) -> Any:
+        """The analysis's presentation class method ``name`` (the protocol's default when
+        the registered class does not derive from :class:`Analysis`)."""
+        from invariscope.engine.analysis import Analysis
+
+        cls = self.entry.analysis if self.entry is not None else Analysis
+        method = getattr(cls, name, None)
+        return method if callable(method) else getattr(Analysis, name)
+
+
+def _registry_rank() -> dict[str, int]:
+    from invariscope.engine.registry import list_analyses
+
+    return {e.name: k for k, e in enumerate(list_analyses())}
+
+
+class _Aggregates(Mapping):
+    """The run's aggregate tables by name, each read from disk on first use."""
+
+    def __init__(self, store: RunStore) -> None:
+        self._store = store
+        self._names = list(store.aggregates())
+        self._read: dict[str, pd.DataFrame] = {}
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._read:
+            self._read[name] = self._store.read_aggregate(name)
+        return self._read[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _lookup(analysis: str) -> tuple[Any, str]:
@@ -282,10 +342,30 @@ def _open(k: int, run_dir: Path) -> _Run:
     analysis = analysis if isinstance(analysis, str) else ""
     entry, reason = _lookup(analysis)
     order = tuple(entry.figure_order) if entry is not None else ()
-    return _Run(k, run_dir, store, analysis, entry, reason, _figures(run_dir, order))
+    run = _Run(k, run_dir, store, analysis, entry, reason, _figures(run_dir, order))
+    if entry is not None:
+        try:
+            run.title = str(run.hook("section_title")(entry.title, store.config))
+        except Exception:  # noqa: BLE001 - a presentation bug must not lose the report
+            run.title = entry.title
+    else:
+        run.title = f"Analysis '{analysis}'" if analysis else "Unnamed analysis"
+    return run
+
+
+def _distinct_titles(runs: list[_Run]) -> None:
+    """Runs whose titles coincide get their run directory's name appended."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.title] = counts.get(run.title, 0) + 1
+    for run in runs:
+        if counts[run.title] > 1:
+            run.title = f"{run.title} ({Path(os.path.abspath(run.run_dir)).name})"
 
 
 def _figures_html(run: _Run) -> str:
+    """One figure per row, at most the page width; a figure wider than the text column
+    spreads to the window's width, and every figure links to its full-size PNG."""
     if not run.figures:
         return '<p class="note">This run has no figures.</p>'
     out = []
@@ -293,9 +373,57 @@ def _figures_html(run: _Run) -> str:
         href = f"{_RUNS}/{quote(run.folder)}/{quote(fig.name)}"
         size = _png_display_size(fig)
         dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
+        wide = size is not None and size[0] > TEXT_WIDTH
+        cls = ' class="wide"' if wide else ""
+        style = f' style="--w: {size[0]}px"' if wide else ""
+        pixels = _png_pixels(fig)
+        full = f" ({pixels[0]} × {pixels[1]} px)" if pixels else ""
         out.append(
-            f'<figure><a href="{_e(href)}"><img src="{_e(href)}"{dims} alt="{_e(fig.stem)}" '
-            f'loading="eager"></a><figcaption><code>{_e(fig.name)}</code></figcaption></figure>'
+            f'<figure{cls}{style} data-figure="{_e(fig.stem)}"><a href="{_e(href)}" '
+            f'target="_blank" title="open full size"><img src="{_e(href)}"{dims} '
+            f'alt="{_e(fig.stem)}" loading="eager"></a><figcaption><code>{_e(fig.name)}</code> '
+            f'<a class="enlarge" href="{_e(href)}" target="_blank">open full size{_e(full)}</a>'
+            "</figcaption></figure>"
+        )
+    return '<div class="figures">\n' + "\n".join(out) + "\n</div>"
+
+
+def _pivot_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The table with its row labels (a named or multi-level index) as first columns."""
+    index = frame.index
+    named = any(n is not None for n in index.names)
+    if isinstance(index, pd.MultiIndex) or named:
+        return frame.reset_index()
+    return frame.reset_index(drop=True)
+
+
+def _headline_html(run: _Run, aggregates: Mapping[str, pd.DataFrame]) -> str:
+    try:
+        text = str(run.hook("headline")(run.store.summary, aggregates, run.store.config))
+    except Exception as err:  # noqa: BLE001 - a presentation bug must not lose the report
+        return (
+            f'<p class="note warn">The headline of this run could not be written '
+            f"({_e(type(err).__name__)}: {_e(err)}); the values are below.</p>"
+        )
+    return f'<p class="headline">{_e(text)}</p>' if text else ""
+
+
+def _pivots_html(run: _Run, aggregates: Mapping[str, pd.DataFrame]) -> str:
+    try:
+        pivots = dict(run.hook("pivots")(aggregates, run.store.config))
+    except Exception as err:  # noqa: BLE001 - a presentation bug must not lose the report
+        return (
+            f'<p class="note warn">The tables of this run could not be pivoted '
+            f"({_e(type(err).__name__)}: {_e(err)}); the stored tables are under All values.</p>"
+        )
+    out = []
+    for k, (caption, frame) in enumerate(pivots.items(), start=1):
+        shown = _pivot_frame(frame)
+        rows = len(shown)
+        note = f'<p class="note">first {MAX_ROWS} of {rows} rows</p>' if rows > MAX_ROWS else ""
+        out.append(
+            f'<div class="pivot" id="{_e(run.id)}-pivot-{k}" data-pivot="{_e(caption)}">'
+            f"<h4>{_e(caption)}</h4>\n{_frame_html(shown, cls='data pivot')}{note}</div>"
         )
     return "\n".join(out)
 
@@ -380,18 +508,25 @@ def _summary_html(run: _Run) -> str:
 
 
 def _section_html(run: _Run) -> str:
+    """Title, what the measure means, the headline finding, the pivoted tables, the
+    figures, then (collapsed) every stored value, and the run's provenance."""
+    aggregates = _Aggregates(run.store)
     parts = [
         f'<section class="run" id="{_e(run.id)}" data-analysis="{_e(run.analysis)}" '
         f'data-run="{_e(run.run_dir.name)}">',
-        f'<h2><span class="index">{run.k}</span>{_e(run.title)} '
+        f'<h2><span class="index">{run.k}</span><span class="title">{_e(run.title)}</span> '
         f'<span class="run-name">{_e(Path(os.path.abspath(run.run_dir)).name)}</span></h2>',
     ]
     if run.entry is not None:
+        parts.append(_headline_html(run, aggregates))
         parts.append(f'<p class="about">{_e(run.entry.about)}</p>')
         if run.entry.paper:
             parts.append(
                 f'<p class="paper"><span class="muted">Paper:</span> {_e(run.entry.paper)}</p>'
             )
+        pivots = _pivots_html(run, aggregates)
+        if pivots:
+            parts += ["<h3>Tables</h3>", pivots]
     else:
         parts.append(
             '<p class="note warn">This version of invariscope does not know how to present '
@@ -399,12 +534,24 @@ def _section_html(run: _Run) -> str:
             "tables as stored.</p>"
         )
     parts += [
-        "<h3>Summary</h3>",
-        _summary_html(run),
         "<h3>Figures</h3>",
         _figures_html(run),
-        "<h3>Tables</h3>",
-        _tables_html(run),
+    ]
+    stored = _tables_html(run)
+    if run.entry is None:
+        parts += ["<h3>Tables</h3>", stored]
+    parts += [
+        '<details class="all-values"><summary>All values <span class="muted">(the stored '
+        "summary"
+        + (" and aggregate tables" if run.entry is not None else "")
+        + ")</span></summary>",
+        "<h4>Summary</h4>",
+        _summary_html(run),
+    ]
+    if run.entry is not None:
+        parts += ["<h4>Stored tables</h4>", stored]
+    parts += [
+        "</details>",
         "<h3>Run</h3>",
         _details_html(run),
         '<p class="top"><a href="#contents">↑ contents</a></p>',
@@ -449,7 +596,17 @@ p.note { color: var(--muted); font-size: 13px; margin: 6px 0; }
 p.warn { color: #7d4e00; background: #fff8c5; border: 1px solid #eac54f; border-radius: 6px;
   padding: 8px 12px; font-size: 14px; }
 p.top { text-align: right; font-size: 13px; margin: 18px 0 0; }
-figure { margin: 16px 0 22px; text-align: center; }
+p.headline { font-size: 16px; line-height: 1.5; margin: 10px 0 8px; padding: 10px 14px;
+  background: #ddf4ff; border-left: 4px solid var(--accent); border-radius: 6px; }
+h4 { font-size: 14px; margin: 18px 0 4px; }
+div.pivot { margin: 4px 0 14px; }
+details.all-values { margin: 22px 0 8px; padding: 6px 12px; border: 1px solid var(--line);
+  border-radius: 6px; }
+details.all-values > summary { font-weight: 600; }
+.figures { display: flex; flex-direction: column; align-items: center; }
+figure { margin: 16px 0 22px; text-align: center; max-width: 100%; }
+figure.wide { width: min(var(--w), calc(100vw - 48px)); max-width: none; }
+a.enlarge { margin-left: 8px; font-size: 12px; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px;
   background: #fff; }
 figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
@@ -552,7 +709,9 @@ def build_report(
 
     Args:
         run_dirs: one or more run directories written by an analysis (``invariscope
-            sweep --out ...``); each must be complete. Each gets a section, in order.
+            sweep --out ...``); each must be complete. Each gets a section; sections
+            follow the analysis registry's order (sweeps first, unknown analyses last),
+            runs of the same analysis in the order given.
         out_dir: the report directory (created); figures are copied under
             ``out_dir/runs/<k>-<slug>/`` and referenced by relative paths, so the folder
             can be moved or opened from ``file://`` as a whole.
@@ -575,7 +734,11 @@ def build_report(
         if key in seen:
             raise InvariscopeError(f"run directory '{path}' is given twice; give each run once")
         seen[key] = path
-    runs = [_open(k, path) for k, path in enumerate(paths, start=1)]
+    opened = [_open(k, path) for k, path in enumerate(paths, start=1)]
+    runs = sorted(opened, key=lambda r: r.rank)  # registry order; stable within an analysis
+    for k, run in enumerate(runs, start=1):
+        run.k = k
+    _distinct_titles(runs)
     generated = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     text = _page(runs, generated)
     try:

@@ -117,6 +117,13 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_.=+]+$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 _TMP_RE = re.compile(r"^\..+\.r(?P<rank>\d+)\.\d+\.[0-9a-f]+\.tmp$")
 _TRASH_PREFIX = ".trash-"
+#: Every entry a run of ours writes into its directory (besides temporary files and trash).
+_OURS = _RESERVED | {FIGURES, LOCK}
+
+
+def _leftover(name: str) -> bool:
+    """A temporary file or trash folder a killed writer of ours left."""
+    return name.startswith(_TRASH_PREFIX) or bool(_TMP_RE.match(name))
 
 
 # --------------------------------------------------------------------------- config
@@ -392,6 +399,27 @@ def _read_json(path: Path) -> Any:
         ) from None
 
 
+def _ours(run_dir: Path) -> bool:
+    """True when ``run_dir/config.json`` was written by a :class:`RunStore`: a JSON object
+    whose ``config_hash`` is the sha256 of its ``config`` (a file that merely has the name
+    is not)."""
+    try:
+        stored = json.loads((run_dir / CONFIG).read_text(encoding="utf-8"))
+        return (
+            isinstance(stored, dict)
+            and isinstance(stored.get("config"), dict)
+            and stored.get("config_hash") == config_hash(stored["config"])
+        )
+    except (OSError, ValueError, InvariscopeError, RecursionError):
+        return False
+
+
+def _not_ours(
+    run_dir: Path, why: str, fix: str = "it is left untouched: pick a new or empty directory"
+) -> InvariscopeError:
+    return InvariscopeError(f"'{run_dir}' is not an invariscope run directory ({why}); {fix}")
+
+
 def _to_arrow(name: str, table: Any) -> pa.Table:
     if isinstance(table, pa.Table):
         return table
@@ -441,7 +469,9 @@ class RunStore:
             "in use by PID N". The engine locks every run it writes.
 
     Attributes:
-        run_dir (Path), rank (int), world_size (int), read_only (bool).
+        run_dir (Path): the run directory.
+        rank (int): this process's rank; world_size (int): the number of ranks.
+        read_only (bool): opened for reading only (:meth:`open`).
     """
 
     def __init__(
@@ -515,6 +545,12 @@ class RunStore:
     def open(cls, run_dir: str | os.PathLike[str]) -> RunStore:
         """Open an existing run directory read-only (for reports); writes are refused."""
         run_dir = Path(run_dir)
+        if (run_dir / CONFIG).is_file() and not _ours(run_dir):
+            raise _not_ours(
+                run_dir,
+                f"its {CONFIG} was not written by invariscope",
+                "pass the directory an analysis wrote its results to",
+            )
         if not (run_dir / CONFIG).is_file():
             raise InvariscopeError(
                 f"'{run_dir}' is not an invariscope run directory (no {CONFIG}); "
@@ -556,12 +592,20 @@ class RunStore:
         )
 
     def _start(self, overwrite: bool, lock: bool) -> None:
-        """Rank 0: create, check, resume or clear the directory; write config + manifest."""
+        """Rank 0: create, check, resume or clear the directory; write config + manifest.
+
+        A directory is checked before anything is written into it (the lock file
+        included): one that holds files but no ``config.json`` of ours is refused, with
+        or without ``overwrite``, and left untouched.
+        """
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise InvariscopeError(f"run directory '{self.run_dir}' is a file; pass a directory")
+        if self.run_dir.is_dir():
+            self._check_foreign()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if lock:
             self._acquire_lock()
+            self._check_foreign()  # again under the lock
         manifest: dict[str, Any] = {}
         if (self.run_dir / CONFIG).is_file():
             stored = None if overwrite else self._stored_config()
@@ -572,22 +616,10 @@ class RunStore:
             else:
                 manifest = self.manifest
         else:
-            foreign = [
-                e.name
-                for e in os.scandir(self.run_dir)
-                if e.name not in _RESERVED | {FIGURES, LOCK}
-                and not e.name.startswith(_TRASH_PREFIX)
-                and not _TMP_RE.match(e.name)
-            ]
-            if foreign:
-                raise InvariscopeError(
-                    f"'{self.run_dir}' is not empty and is not an invariscope run directory "
-                    f"(no {CONFIG}, holds {sorted(foreign)[0]!r}); pick a new or empty directory"
-                )
             self._clear()  # leftovers of a run stopped before it wrote config.json
         self._cleanup(everything=self.world_size == 1)
         if manifest:
-            self._verify_parts()
+            self._repair(manifest)
         if not (self.run_dir / CONFIG).is_file():
             _atomic_json(
                 self.run_dir / CONFIG,
@@ -613,16 +645,35 @@ class RunStore:
             }
         )
 
-    def _clear(self) -> None:
-        """Discard everything in the run directory except config.json, crash-safely.
+    def _check_foreign(self) -> None:
+        """Refuse a directory that is not a run of ours: it has a ``config.json`` that a
+        :class:`RunStore` did not write, or none and other files."""
+        if (self.run_dir / CONFIG).exists():
+            if not _ours(self.run_dir):
+                raise _not_ours(self.run_dir, f"its {CONFIG} was not written by invariscope")
+            return
+        foreign = [
+            e.name
+            for e in os.scandir(self.run_dir)
+            if e.name not in _OURS and not _leftover(e.name)
+        ]
+        if foreign:
+            raise _not_ours(self.run_dir, f"no {CONFIG}, holds {sorted(foreign)[0]!r}")
 
-        Entries are first renamed into a fresh trash folder (atomic), so a kill leaves
-        either an entry whole or gone, never a done part without its tables.
+    def _clear(self) -> None:
+        """Discard what a run of ours wrote (config.json last), crash-safely.
+
+        Only the store's own entries (manifest, meta, parts, aggregates, figures,
+        temporary files) are removed; any other file in the directory stays. Entries are
+        first renamed into a fresh trash folder (atomic), so a kill leaves either an entry
+        whole or gone, never a done part without its tables.
         """
         trash = self.run_dir / f"{_TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
         trash.mkdir()
         for entry in os.scandir(self.run_dir):
-            if entry.name not in (CONFIG, LOCK) and not entry.name.startswith(_TRASH_PREFIX):
+            if entry.name.startswith(_TRASH_PREFIX) or entry.name in (CONFIG, LOCK):
+                continue
+            if entry.name in _OURS or _TMP_RE.match(entry.name):
                 os.rename(entry.path, trash / entry.name)
         _fsync_dir(self.run_dir)
         with contextlib.suppress(FileNotFoundError):
@@ -632,10 +683,9 @@ class RunStore:
             if entry.name.startswith(_TRASH_PREFIX):
                 _remove(Path(entry.path))
 
-    def _verify_parts(self) -> None:
-        """On resume: a done part whose files no longer match the checksums of its marker
-        (corrupted, truncated or edited since) is removed, so that it is computed again."""
-        removed = []
+    def _damaged_parts(self) -> list[str]:
+        """Done parts whose files no longer match the checksums of their marker."""
+        damaged = []
         for pid in self.completed_parts():
             folder = self.run_dir / PARTS / pid
             try:
@@ -645,17 +695,61 @@ class RunStore:
             except (OSError, ValueError, AttributeError):
                 ok = False
             if not ok:
-                trash = self.run_dir / f"{_TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
-                os.rename(folder, trash)  # atomic: the part is gone as a whole
-                _remove(trash)
-                removed.append(pid)
-        if removed:
+                damaged.append(pid)
+        return damaged
+
+    def _aggregate_damage(self, name: str, manifest: Mapping[str, Any]) -> str | None:
+        """Why aggregate ``name`` cannot be trusted (missing, checksum, unreadable), or None."""
+        path = self.run_dir / AGGREGATES / f"{name}.parquet"
+        if not path.is_file():
+            return "it is missing"
+        expected = (manifest.get("aggregate_sha256") or {}).get(name)
+        try:
+            if expected is not None:
+                return None if _sha256(path) == expected else "its checksum does not match"
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as exc:
+            return f"it cannot be read: {type(exc).__name__}"
+        return None
+
+    def _damaged_aggregates(self, manifest: Mapping[str, Any]) -> list[str]:
+        names = set(self.aggregates())
+        if manifest.get("status") == STATUS_COMPLETE:
+            names |= set(manifest.get("aggregates") or ())
+        return sorted(n for n in names if self._aggregate_damage(n, manifest) is not None)
+
+    def _repair(self, manifest: dict[str, Any]) -> None:
+        """On resume: remove done parts and aggregates that fail their checksums (they are
+        computed again). A complete run that lost anything (a damaged part or aggregate,
+        or fewer done parts than it finished with) is marked running FIRST, so that a kill
+        during the repair never leaves a "complete" run with a part missing."""
+        parts = self._damaged_parts()
+        aggregates = self._damaged_aggregates(manifest)
+        count = manifest.get("num_parts")
+        lost = isinstance(count, int) and len(self.completed_parts()) < count
+        if manifest.get("status") == STATUS_COMPLETE and (parts or aggregates or lost):
+            self._write_manifest({"status": STATUS_RUNNING, "finished": None})
+            manifest["status"] = STATUS_RUNNING
+        for pid in parts:
+            trash = self.run_dir / f"{_TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
+            os.rename(self.run_dir / PARTS / pid, trash)  # atomic: the part is gone as a whole
+            _remove(trash)
+        for name in aggregates:
+            _remove(self.run_dir / AGGREGATES / f"{name}.parquet")
+        if parts:
             _fsync_dir(self.run_dir / PARTS)
             logger.warning(
                 "run %s: %d done part(s) failed their checksum and will be computed again: %s",
                 self.run_dir,
-                len(removed),
-                ", ".join(removed[:5]),
+                len(parts),
+                ", ".join(parts[:5]),
+            )
+        if aggregates:
+            logger.warning(
+                "run %s: aggregate(s) %s failed their checksum and will be recomputed from "
+                "the parts",
+                self.run_dir,
+                ", ".join(aggregates),
             )
 
     def _cleanup(self, everything: bool) -> None:
@@ -834,6 +928,9 @@ class RunStore:
         folder = self.run_dir / AGGREGATES
         folder.mkdir(exist_ok=True)
         _atomic_parquet(folder / f"{name}.parquet", arrow, self.rank)
+        sums = dict(self.manifest.get("aggregate_sha256") or {})
+        sums[name] = _sha256(folder / f"{name}.parquet")
+        self._write_manifest({"aggregate_sha256": sums})
 
     def finalize(
         self,
@@ -998,6 +1095,12 @@ class RunStore:
         path = self.run_dir / AGGREGATES / f"{_check_name('aggregate', name)}.parquet"
         if not path.is_file():
             raise unknown_name(f"aggregate in run '{self.run_dir}'", name, self.aggregates())
+        why = self._aggregate_damage(name, self.manifest)
+        if why is not None:
+            raise InvariscopeError(
+                f"aggregate '{name}' of run '{self.run_dir}' is damaged ({why}); run the same "
+                "command again: it recomputes the aggregates from the stored parts"
+            )
         return pq.read_table(
             path, columns=list(columns) if columns is not None else None
         ).to_pandas()
@@ -1019,5 +1122,19 @@ class RunStore:
                 f"does not name {sorted(_RESERVED)}"
             )
         path = self.run_dir / rel
-        (path if not rel.suffix else path.parent).mkdir(parents=True, exist_ok=True)
+        folder = path if not rel.suffix else path.parent
+        for parent in (*reversed(folder.relative_to(self.run_dir).parents), folder):
+            where = self.run_dir / parent
+            if where.exists() and not where.is_dir():
+                raise InvariscopeError(
+                    f"'{where}' is a file, not a folder; move it away so that the run can "
+                    "write its outputs there"
+                )
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvariscopeError(
+                f"cannot create '{folder}' ({type(exc).__name__}: {exc.strerror or exc}); "
+                "choose a folder you can write"
+            ) from None
         return path

@@ -434,7 +434,7 @@ class ShiftProtocol:
             raise unknown_name("shift protocol", name, [*PROTOCOLS, "sequence:<transform>"])
         steps = self.steps
         if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 2:
-            raise InvariscopeError(f"{name}: steps must be an int >= 2 (frames), got {steps!r}")
+            raise InvariscopeError(f"{name}: frames must be an int >= 2, got {steps!r}")
         if self.direction not in DIRECTIONS:
             raise InvariscopeError(
                 f"{name}: direction '{self.direction}' is not one of {', '.join(DIRECTIONS)}"
@@ -555,17 +555,17 @@ class ShiftProtocol:
             free = min(f for f, a in ((H - h, ay), (W - w, ax)) if a)
             if T - 1 > free:
                 raise InvariscopeError(
-                    f"embed: {T} {self.direction} steps need {T - 1} free pixels but a {h}x{w} "
-                    f"image in a {H}x{W} canvas leaves {free}; use steps <= {free + 1} or a "
+                    f"embed: {T} {self.direction} frames need {T - 1} free pixels but a {h}x{w} "
+                    f"image in a {H}x{W} canvas leaves {free}; use frames <= {free + 1} or a "
                     "smaller factor"
                 )
         elif name == "scale":
             if not self._scale_fits(H, W, T):
                 fit = [n for n in range(2, T) if self._scale_fits(H, W, n)]
                 sizes = self._scale_sizes(H, W, T)
-                fix = f"use steps <= {fit[-1]}" if fit else "use a factor nearer 0.5"
+                fix = f"use frames <= {fit[-1]}" if fit else "use a factor nearer 0.5"
                 raise InvariscopeError(
-                    f"scale: {T} steps resize the image from {sizes[0][0]}x{sizes[0][1]} to "
+                    f"scale: {T} frames resize the image from {sizes[0][0]}x{sizes[0][1]} to "
                     f"{sizes[-1][0]}x{sizes[-1][1]} pixels, but frames must be at least 2x2 and "
                     f"fit the {H}x{W} canvas; {fix}"
                 )
@@ -575,8 +575,8 @@ class ShiftProtocol:
             limit = min(n for n, a in ((H, ay), (W, ax)) if a)
             if extent >= limit:
                 raise InvariscopeError(
-                    f"subpixel: {T} steps of {self.pixel_step:g} px move the image "
-                    f"{extent:g} px, out of the {H}x{W} image; use fewer steps or a smaller step"
+                    f"subpixel: {T} frames, {self.pixel_step:g} px apart, move the image "
+                    f"{extent:g} px, out of the {H}x{W} image; use fewer frames or a smaller step"
                 )
         elif self.transform is not None:
             self._check_sequence(H, W)
@@ -611,7 +611,7 @@ class ShiftProtocol:
         bad = int(np.argmin(ok))
         step = hint("step", "--step")
         fix = (
-            f"use steps <= {bad} or a smaller {step}"
+            f"use frames <= {bad} or a smaller {step}"
             if bad >= 2
             else f"use a smaller {step} (or one of the other sign)"
         )
