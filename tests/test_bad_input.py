@@ -22,6 +22,8 @@ from invariscope.errors import InvariscopeError, command_line, hint
 
 SWEEP = ["sweep", "--model", "simple-cnn", "--data", "digits", "--transforms", "rotation"]
 WORST = ["worst-case", "--model", "simple-cnn", "--data", "digits", "--images", "4"]
+ALIGN = ["alignment", "--model", "simple-cnn", "--data", "digits", "--transforms", "zoom"]
+ALIGN += ["--images", "4"]
 
 CASES = [
     # (case, command, exit code, words of the message)
@@ -151,7 +153,83 @@ CASES = [
         "is truncated",
     ),
     ("demo out under a file", ["demo", "--out", "{file}/demo"], 2, "{file}"),
+    # issue 21, item 6
+    (
+        "overwrite on a folder holding a config.json of someone else's",
+        [*WORST, "--out", "{foreign}", "--overwrite"],
+        2,
+        "is not an invariscope run directory",
+    ),
+    (
+        "a folder holding a config.json of someone else's",
+        [*WORST, "--out", "{foreign}"],
+        2,
+        "is not an invariscope run directory",
+    ),
+    (
+        "overwrite on a folder of user files",
+        [*WORST, "--out", "{userdir}", "--overwrite"],
+        2,
+        "is not an invariscope run directory",
+    ),
+    (
+        "antialias of a 5-class model against 10-class data",
+        ["antialias", "--model", "{five}", "--data", "digits", "--out", "{tmp}/aa.pt"],
+        2,
+        "the model has 5 classes but the dataset has 10",
+    ),
+    (
+        "antialias average pool bigger than the map",
+        [
+            "antialias",
+            "--model",
+            "simple-cnn",
+            "--method",
+            "avgpool",
+            "--pool-size",
+            "1000",
+            "--out",
+            "{tmp}/aa.pt",
+        ],
+        2,
+        "--pool-size 1000 is larger than every feature map",
+    ),
+    (
+        "alignment magnitude that leaves no position",
+        [*ALIGN, "--magnitudes", "zoom=1e9", "--out", "{tmp}/r"],
+        2,
+        "zoom=1e+09 moves every position",
+    ),
+    (
+        "alignment margin of 100000 pixels",
+        [*ALIGN, "--margin", "100000", "--out", "{tmp}/r"],
+        2,
+        "--margin 100000 is wider than the 28x28 image",
+    ),
+    (
+        "itn hidden width of 10^8",
+        [
+            "itn",
+            "--model",
+            "simple-cnn",
+            "--data",
+            "digits",
+            "--hidden",
+            "100000000",
+            "--out",
+            "{tmp}/r",
+        ],
+        2,
+        "--hidden must be at most 65,536",
+    ),
 ]
+
+#: Words a case's message must NOT hold (a fix that would destroy the user's files).
+NOT_SAID = {
+    "overwrite on a folder holding a config.json of someone else's": "--overwrite",
+    "a folder holding a config.json of someone else's": "--overwrite",
+    "overwrite on a folder of user files": "--overwrite",
+}
 
 
 @pytest.fixture
@@ -182,7 +260,20 @@ def places(tmp_path, monkeypatch):
         )
     (tmp_path / "userraise.py").write_text("def build():\n    raise ValueError('bad')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    foreign = tmp_path / "foreign"  # a folder that merely holds a file named config.json
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"learning_rate": 0.1}')
+    (foreign / "results.csv").write_text("epoch,loss\n1,0.5\n")
+    userdir = tmp_path / "userdir"
+    userdir.mkdir()
+    (userdir / "thesis.tex").write_text("\\documentclass{article}")
+    from invariscope.models import create_model, save_checkpoint
+
+    save_checkpoint(create_model("simple-cnn", num_classes=5), tmp_path / "five.pt")
     return {
+        "foreign": str(foreign),
+        "userdir": str(userdir),
+        "five": str(tmp_path / "five.pt"),
         "tmp": str(tmp_path / "t"),
         "file": str(plain),
         "folder": f"folder:{folder}",
@@ -195,12 +286,27 @@ def places(tmp_path, monkeypatch):
 def test_bad_input_is_one_clean_line(case, argv, code, words, places, capsys):
     argv = [a.format(**places) for a in argv]
     words = words.format(**places)
+    root = Path(places["file"]).parent
+    before = _files(root, skip=Path(places["tmp"]))
     assert run(argv) == code, case
     err = capsys.readouterr().err.strip()
     assert err.startswith("invariscope: error: ") and "\n" not in err, err
     assert "Traceback" not in err
     assert words in err, err
+    assert case not in NOT_SAID or NOT_SAID[case] not in err, err
     assert not Path(places["tmp"], "r", "aggregates").exists()
+    assert not Path(places["tmp"], "aa.pt").exists()
+    # nothing lost, nothing left: every file the user had is there, unchanged (and no
+    # lock file or other leftover was added to a refused folder)
+    assert _files(root, skip=Path(places["tmp"])) == before
+
+
+def _files(root: Path, skip: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and skip not in p.parents and "__pycache__" not in p.parts
+    }
 
 
 def test_unwritable_run_directory_is_one_line(tmp_path, capsys, monkeypatch):
@@ -413,3 +519,93 @@ def test_input_size_option_is_what_the_hint_names(tmp_path, capsys, monkeypatch)
     assert "--resize" in err and "resize=True" not in err  # a 3-channel net defaults to 224 px
     assert run([*argv, "--input-size", "3,32,32", "--out", str(tmp_path / "b")]) == 0
     assert run([*argv, "--resize", "--out", str(tmp_path / "c")]) == 0
+
+
+# ------------------------------------------------ damaged or unwritable finished runs
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished worst-case run (with figures) of a saved model, and its command."""
+    from invariscope.models import create_model, save_checkpoint
+
+    root = tmp_path_factory.mktemp("finished")
+    save_checkpoint(create_model("simple-cnn"), root / "m.pt")
+    argv = [*WORST[:2], str(root / "m.pt"), *WORST[3:], "--wc-grid", "3x3", "--no-progress"]
+    assert run([*argv, "--out", str(root / "run")]) == 0
+    return root / "run", argv
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:50])
+
+
+def _random_bytes(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(0).bytes(300))
+
+
+DAMAGED = [
+    # (case, damage to the run directory, command after RUN, words)
+    ("report on a truncated aggregate", "truncate", ["report", "{run}", "--out", "{tmp}/rep"]),
+    ("report on an aggregate of random bytes", "random", ["report", "{run}", "--out", "{tmp}/r"]),
+    ("render of a truncated aggregate", "truncate", ["render", "{run}"]),
+    ("render of an aggregate of random bytes", "random", ["render", "{run}"]),
+    ("render where figures/ is a file", "figures", ["render", "{run}"]),
+    ("rerun of a complete run where figures/ is a file", "figures", ["{again}"]),
+    ("render into a read-only folder", "readonly", ["render", "{run}", "--out", "{ro}"]),
+]
+WORDS = {
+    "truncate": "is damaged",
+    "random": "is damaged",
+    "figures": "is a file, not a folder",
+    "readonly": "PermissionError",
+}
+
+
+@pytest.mark.parametrize("case, damage, argv", DAMAGED, ids=[c[0] for c in DAMAGED])
+def test_damaged_run_is_one_clean_line_and_recovers(
+    case, damage, argv, finished, tmp_path, capsys, monkeypatch
+):
+    import shutil
+
+    source, command = finished
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    aggregate = run_dir / "aggregates" / "worst_case_summary.parquet"
+    assert aggregate.is_file()
+    good = pd.read_parquet(aggregate)
+    if damage == "truncate":
+        _truncate(aggregate)
+    elif damage == "random":
+        _random_bytes(aggregate)
+    elif damage == "figures":
+        shutil.rmtree(run_dir / "figures")
+        (run_dir / "figures").write_text("my notes")
+    else:  # a read-only place, simulated (root may write anywhere)
+        real = Path.mkdir
+
+        def refuse(self, *args, **kwargs):
+            if "readonly" in str(self):
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", refuse)
+    again = [*command, "--out", str(run_dir)]
+    places = {"run": str(run_dir), "tmp": str(tmp_path / "t"), "ro": str(tmp_path / "readonly")}
+    argv = again if argv == ["{again}"] else [a.format(**places) for a in argv]
+    capsys.readouterr()
+    assert run(argv) == 2, case
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("invariscope: error: ") and "\n" not in err, err
+    assert WORDS[damage] in err, err
+    monkeypatch.undo()
+    # nothing lost: the user's file stays; the same command recomputes the aggregates
+    # from the stored parts (no part is computed again)
+    parts = sorted(p.name for p in (run_dir / "parts").iterdir())
+    if damage == "figures":
+        assert (run_dir / "figures").read_text() == "my notes"
+        (run_dir / "figures").unlink()
+    assert run(again) == 0
+    assert sorted(p.name for p in (run_dir / "parts").iterdir()) == parts
+    pd.testing.assert_frame_equal(pd.read_parquet(aggregate), good, check_exact=True)
+    assert run(["render", str(run_dir)]) == 0

@@ -218,13 +218,21 @@ def test_one_seed_draws_no_error_bar_and_says_n_1(checkpoint, tmp_path, drawn):
 
 
 def test_lee_puts_one_unit_on_each_axis(tmp_path, drawn):
-    from test_plots_stitch_lee import TRANSFORMS, _lee_tables
+    """lee.png: every panel's bars (x tick labels "<transform> (per <unit>)") share one
+    unit, and the y label names it."""
+    import re
+
+    from test_plots_stitch_lee import _lee_tables
 
     from invariscope.plots.lee import render_lee_figures
 
-    render_lee_figures(_lee_tables(), tmp_path)
-    units = set(TRANSFORMS.values())
-    for fig in drawn:
-        for ax in fig.axes:
-            label = ax.get_ylabel()
-            assert sum(u in label for u in units) <= 1, label
+    units = {"translate_x": "px", "translate_y": "px", "rotation": "degrees", "zoom": "log-scale"}
+    render_lee_figures(_lee_tables(transforms=units), tmp_path)
+    (fig,) = [f for f in drawn if "Lie-derivative equivariance error" in f.get_suptitle()]
+    panels = [ax for ax in fig.axes if ax.patches]
+    assert len(panels) == 2 * len(set(units.values()))
+    for ax in panels:
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        shown = {re.search(r"\(per (.+)\)$", t).group(1) for t in ticks}
+        assert len(shown) == 1, ticks
+        assert f"per {shown.pop()}" in ax.get_ylabel()

@@ -303,33 +303,42 @@ def test_lee_without_its_tables_is_refused(tmp_path):
         lee.render_lee_figures(tables, tmp_path)
 
 
-def test_lee_bars_equal_the_values_on_a_log_axis():
+def test_lee_bars_equal_the_values_on_a_log_axis_one_unit_a_panel():
     tables = _lee_tables()
     fig = lee._lee_figure(tables)
     panels = [ax for ax in fig.axes if ax.patches]
-    assert len(panels) == 2
-    summary = tables["lee_summary"]
-    for ax, column, ylabel in (
-        (panels[0], "lee", lee.LEE_LABEL),
-        (panels[1], "lee_abs", lee.LEE_ABS_LABEL),
-    ):
+    assert len(panels) == 2 * len(TRANSFORMS)  # LEE and l1 norm, one panel per unit
+    summary = tables["lee_summary"].set_index("transform")
+    measures = (("lee", lee.LEE_LABEL), ("lee_abs", lee.LEE_ABS_LABEL))
+    for k, ax in enumerate(panels):  # row-major: a row of unit panels per measure
+        column, label = measures[k // len(TRANSFORMS)]
+        transform, unit = list(TRANSFORMS.items())[k % len(TRANSFORMS)]
         heights = [p.get_height() for p in ax.patches if isinstance(p, Rectangle)]
-        np.testing.assert_allclose(heights, summary[column])
+        np.testing.assert_allclose(heights, [summary.loc[transform, column]])
         assert ax.get_yscale() == "log"
-        assert ax.get_ylabel() == ylabel
-        ticks = [t.get_text() for t in ax.get_xticklabels()]
-        assert ticks == [f"{t} (per {u})" for t, u in TRANSFORMS.items()]
+        assert ax.get_ylabel() == label.replace("unit", unit)
+        assert [t.get_text() for t in ax.get_xticklabels()] == [f"{transform} (per {unit})"]
         low, high = ax.get_ylim()
-        assert low < summary[f"{column}_low"].min() and high > summary[f"{column}_high"].max()
-        # an error bar per bar spanning low..high
-        (bars,) = [c for c in ax.collections if len(c.get_segments()) == len(TRANSFORMS)]
-        spans = [(seg[:, 1].min(), seg[:, 1].max()) for seg in bars.get_segments()]
-        np.testing.assert_allclose(spans, summary[[f"{column}_low", f"{column}_high"]])
+        lo, hi = summary.loc[transform, f"{column}_low"], summary.loc[transform, f"{column}_high"]
+        assert low < lo and high > hi
+        # the error bar spans low..high
+        (bars,) = [c for c in ax.collections if len(c.get_segments()) == 1]
+        (seg,) = bars.get_segments()
+        np.testing.assert_allclose([seg[:, 1].min(), seg[:, 1].max()], [lo, hi])
     assert lee.LEE_LABEL == "LEE = E‖d logits/dt‖² (per unit²)"
-    medians = [line for line in panels[0].lines if line.get_marker() == "D"]
-    assert len(medians) == 1
-    np.testing.assert_allclose(medians[0].get_ydata(), summary["median_lee"])
+    for ax, transform in zip(panels[: len(TRANSFORMS)], TRANSFORMS, strict=True):
+        (median,) = [line for line in ax.lines if line.get_marker() == "D"]
+        np.testing.assert_allclose(median.get_ydata(), [summary.loc[transform, "median_lee"]])
     assert "64 images" in fig.get_suptitle()
+
+
+def test_lee_transforms_of_one_unit_share_a_panel():
+    units = {"translate_x": "px", "translate_y": "px", "rotate": "degrees"}
+    fig = lee._lee_figure(_lee_tables(transforms=units))
+    panels = [ax for ax in fig.axes if ax.patches]
+    assert len(panels) == 4  # px and degrees, for LEE and the l1 norm
+    ticks = [[t.get_text() for t in ax.get_xticklabels()] for ax in panels[:2]]
+    assert ticks == [["translate_x (per px)", "translate_y (per px)"], ["rotate (per degrees)"]]
 
 
 def test_lee_lower_bound_below_zero_stays_on_the_log_axis():

@@ -194,6 +194,109 @@ def test_foreign_directory_refused_even_with_overwrite(tmp_path):
     assert "\n" not in str(err.value) and "not an invariscope run directory" in str(err.value)
 
 
+def test_foreign_config_json_is_never_deleted_and_overwrite_is_not_offered(tmp_path):
+    """Issue 21: a folder that merely holds a file named config.json is not a run of ours:
+    it is refused with and without overwrite, nothing in it is touched (no lock file
+    either), and the refusal does not recommend overwrite."""
+    for text in ('{"config": {"a": 1}, "config_hash": "0"}', "not json", '{"lr": 0.1}'):
+        folder = tmp_path / f"user{len(text)}"
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+        (folder / "data.csv").write_text("1,2,3")
+        for overwrite in (False, True):
+            with pytest.raises(InvariscopeError) as err:
+                RunStore(folder, {"a": 1}, overwrite=overwrite, lock=True)
+            message = str(err.value)
+            assert "not an invariscope run directory" in message and "\n" not in message
+            assert "overwrite" not in message.lower()
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "data.csv"]
+        assert (folder / "config.json").read_text() == text
+        with pytest.raises(InvariscopeError, match="not an invariscope run directory"):
+            RunStore.open(folder)
+
+
+def test_overwrite_never_deletes_a_file_no_run_of_ours_wrote(tmp_path, worker):
+    """--overwrite removes what the run wrote (parts, aggregates, manifest, meta, figures)
+    and keeps every other file and folder the user put next to them."""
+    run_dir = tmp_path / "run"
+    worker["run_analysis"](run_dir)
+    RunStore(run_dir, worker["CONFIG"]).path("figures", "plot.png").write_bytes(b"png")
+    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "mine").mkdir()
+    (run_dir / "mine" / "a.npy").write_bytes(b"keep")
+    ours = {p.name for p in run_dir.iterdir()} - {"notes.txt", "mine"}
+    assert {"parts", "aggregates", "manifest.json", "config.json", "figures"} <= ours
+    for config in (worker["CONFIG"], {**worker["CONFIG"], "extra": 1}):
+        run = RunStore(run_dir, config, overwrite=True)
+        assert run.completed_parts() == [] and run.aggregates() == []
+        assert (run_dir / "notes.txt").read_text() == "mine"
+        assert (run_dir / "mine" / "a.npy").read_bytes() == b"keep"
+        assert not (run_dir / "figures").exists() and not (run_dir / "parts").exists()
+        assert sorted(p.name for p in run_dir.iterdir()) == [
+            "config.json",
+            "manifest.json",
+            "mine",
+            "notes.txt",
+        ]
+
+
+def test_a_kill_during_repair_never_leaves_a_complete_run_with_a_part_missing(
+    tmp_path, worker, monkeypatch
+):
+    """A complete run whose part fails its checksum is marked running BEFORE the part is
+    removed: a kill between the two leaves a running run, which the next start resumes."""
+    import invariscope.runs.store as store_module
+
+    run_dir = tmp_path / "run"
+    worker["run_analysis"](run_dir)
+    victim = RunStore.open(run_dir).completed_parts()[1]
+    table = next((run_dir / "parts" / victim).glob("*.parquet"))
+    table.write_bytes(table.read_bytes()[:-7])
+
+    def killed(path):
+        raise KeyboardInterrupt  # the process dies while removing the damaged part
+
+    monkeypatch.setattr(store_module, "_remove", killed)
+    with pytest.raises(KeyboardInterrupt):
+        RunStore(run_dir, worker["CONFIG"])
+    monkeypatch.undo()
+    opened = RunStore.open(run_dir)
+    assert victim not in opened.completed_parts()  # the rename into the trash happened
+    assert opened.status == "running" and not opened.is_complete
+    # a part that vanished from a complete run (no checksum to fail) also reopens it
+    worker["run_analysis"](run_dir)
+    assert RunStore.open(run_dir).is_complete
+    store_module._remove(run_dir / "parts" / victim)
+    assert RunStore(run_dir, worker["CONFIG"]).status == "running"
+
+
+def test_damaged_aggregate_is_refused_on_read_and_recomputed_on_resume(tmp_path, worker):
+    run_dir = tmp_path / "run"
+    worker["run_analysis"](run_dir)
+    opened = RunStore.open(run_dir)
+    name = opened.aggregates()[0]
+    good = opened.read_aggregate(name)
+    path = run_dir / "aggregates" / f"{name}.parquet"
+    for damage in (path.read_bytes()[:40], os.urandom(200)):
+        path.write_bytes(damage)
+        with pytest.raises(InvariscopeError) as err:
+            RunStore.open(run_dir).read_aggregate(name)
+        assert "is damaged" in str(err.value) and "\n" not in str(err.value)
+        run = RunStore(run_dir, worker["CONFIG"])  # resume: the damaged aggregate is removed
+        assert run.status == "running" and name not in run.aggregates()
+        worker["run_analysis"](run_dir)
+        assert_frame_equal(RunStore.open(run_dir).read_aggregate(name), good)
+
+
+def test_figures_that_is_a_file_is_one_line(tmp_path, worker):
+    run_dir = tmp_path / "run"
+    worker["run_analysis"](run_dir)
+    (run_dir / "figures").write_text("not a folder")
+    with pytest.raises(InvariscopeError, match="is a file, not a folder"):
+        RunStore(run_dir, worker["CONFIG"]).path("figures")
+    assert (run_dir / "figures").read_text() == "not a folder"
+
+
 # ------------------------------------------------------------- resume and recovery
 
 

@@ -302,12 +302,15 @@ def _check_pool_size(model, pool_size: int) -> None:
         for m in model.modules()
         if isinstance(m, nn.MaxPool2d)
     ]
+    training = model.training
+    model.eval()
     try:
         with torch.inference_mode():
             model(torch.zeros(1, *size))
     except Exception:  # noqa: BLE001 - the conversion reports a model that does not run
         return
     finally:
+        model.train(training)
         for hook in hooks:
             hook.remove()
     if sides and pool_size > max(sides):

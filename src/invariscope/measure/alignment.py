@@ -679,6 +679,13 @@ class AlignmentAnalysis(Analysis):
             for layer in self.layers:
                 resolve_layer(model, layer)
             candidates = list(self.layers)
+        H, W = x.shape[-2:]
+        if self.margin > max(H, W):
+            raise InvariscopeError(
+                f"--margin {self.margin} is wider than the {H}x{W} image; a margin of at most "
+                f"{max(H, W)} (a canvas 3 times the image) already holds every position "
+                "near the image, wider ones only add zeros (and memory)"
+            )
         canvas = _canvas(x, self.margin)
         Hc, Wc = canvas.shape[-2:]
         placed = feature_grids(model, candidates, (Hc, Wc))
@@ -718,6 +725,18 @@ class AlignmentAnalysis(Analysis):
             )
         if self.layers is None:
             self.resolved_layers = [n for n in candidates if n in self.grids]
+        for t in self.transforms:
+            for v in self.magnitudes[t]:
+                m_image = transform_matrix(t, v, Hc, Wc)
+                if not any(
+                    bool(_region(g, _feature_transform(g, m_image), tuple(g.size)).any())
+                    for g in self.grids.values()
+                ):
+                    raise InvariscopeError(
+                        f"{t}={v:g} moves every position of every layer off the {Hc}x{Wc} "
+                        "canvas, so no alignment error can be measured; use a magnitude "
+                        f"nearer the defaults ({', '.join(f'{d:g}' for d in TRANSFORMS[t][1])})"
+                    )
 
     def config(self) -> dict[str, Any]:
         return {

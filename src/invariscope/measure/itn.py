@@ -132,11 +132,21 @@ def _check_number(name: str, value: Any, low: float, high: float | None = None, 
     return float(value)
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
+#: Widest hidden layer of a control net: each net holds about (2 + outputs) x hidden
+#: parameters (and Adam 3 times as many numbers); Bunne et al. use tens of units.
+MAX_HIDDEN = 2**16
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
         raise InvariscopeError(
             f"{hint(name.replace('-', '_'), '--' + name)} must be an integer >= {low}, "
             f"got {value!r}"
+        )
+    if high is not None and value > high:
+        raise InvariscopeError(
+            f"{hint(name.replace('-', '_'), '--' + name)} must be at most {high:,}, got "
+            f"{int(value):,}"
         )
     return int(value)
 
@@ -224,7 +234,7 @@ class ITNAnalysis(Analysis):
         self.tolerance = _check_number("tolerance", tolerance, 0.0, 1.0, open_low=True)
         self.c_theta = _check_number("c-theta", c_theta, 0.0, open_low=True)
         self.controls = parse_controls(controls)
-        self.hidden = _check_int("hidden", hidden, 1)
+        self.hidden = _check_int("hidden", hidden, 1, MAX_HIDDEN)
         self.vectors = _check_int("vectors", vectors, 1)
         self.grid = _check_int("grid", grid, 2)
         self.sweep_points = _check_int("sweep-points", sweep_points, 2)

@@ -210,7 +210,7 @@ def _lee_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
     groups: dict[str, list[str]] = {}
     for t in transforms:
         groups.setdefault(units.get(t, ""), []).append(t)
-    widths = {u: max(2.4, 0.75 * len(ts) + 1.5) for u, ts in groups.items()}
+    widths = {u: max(2.3, 0.6 * len(ts) + 1.2) for u, ts in groups.items()}
     cols = 1
     for n in range(len(groups), 0, -1):  # the most unit panels a row fits
         if max(widths.values()) * n + 0.4 <= MAX_WIDTH_IN:
@@ -347,9 +347,10 @@ def _lee_contrib_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
         )
     )
     longest = max(len(n) for n in names)
-    cols = min(len(transforms), 3)
-    rows = math.ceil(len(transforms) / cols)
     width = max(3.4, 0.3 * len(names) + 1.4)
+    # at most 3 panels a row, as many as fit the page width
+    cols = max(1, min(len(transforms), 3, int((MAX_WIDTH_IN - 0.4) // width)))
+    rows = math.ceil(len(transforms) / cols)
     fig = Figure(
         figsize=(width * cols + 0.4, (2.6 + 0.055 * longest) * rows + 0.9),
         layout="constrained",

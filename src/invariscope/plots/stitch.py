@@ -170,6 +170,10 @@ def _heatmap(
     fig.colorbar(image, ax=ax, label=label, shrink=0.9, ticks=np.linspace(0, 1, 6))
 
 
+#: The widest a figure is drawn (inches; 1600 px at the saved 150 dpi, less a margin).
+MAX_WIDTH_IN = 10.4
+
+
 def _stitch_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
     """Stitched top-1 error and linear CKA as heatmaps: rows = layers of A, columns = of B."""
     present = {name: _present(tables, name) for name in _PANEL_TABLES}
@@ -189,8 +193,12 @@ def _stitch_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
     panels = len(present)
     width = panels * (cell * n_cols + 0.07 * row_chars + 1.9) + 0.4
     height = cell * n_rows + 0.05 * col_chars + 2.2
+    # side by side where they fit the page width (MAX_WIDTH_IN), else one above the other
+    stacked = panels > 1 and width > MAX_WIDTH_IN
+    if stacked:
+        width, height = (width - 0.4) / panels + 0.4, height * panels
     fig = Figure(figsize=(max(width, 5.0), max(height, 3.2)), layout="constrained")
-    axes = fig.subplots(1, panels, squeeze=False)[0]
+    axes = fig.subplots(panels, 1) if stacked else fig.subplots(1, panels, squeeze=False)[0]
     name = {k: v["label"] for k, v in info.items()}
     ylabel = f"layer of A ({name['A']})" if name["A"] else "layer of A"
     xlabel = f"layer of B ({name['B']})" if name["B"] else "layer of B"
