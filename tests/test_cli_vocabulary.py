@@ -150,7 +150,7 @@ def _spy_train(monkeypatch) -> list:
     seen: list = []
 
     def fake(model, train_set, **kwargs):
-        seen.append({"images": len(train_set), "batch": kwargs["batch_size"]})
+        seen.append({"images": len(train_set), "batch": kwargs["train_batch"]})
         raise _Stop
 
     monkeypatch.setattr("invariscope.train.train", fake)
@@ -415,6 +415,10 @@ def test_api_names_follow_the_vocabulary():
     for name in ("stitch", "equivariance", "invariant_transformer", "stn_benchmark"):
         params = inspect.signature(_api_functions()[name]).parameters
         assert "train_batch" in params, name
+    from invariscope.train import train
+
+    assert train.__renamed_arguments__ == {"batch_size": "train_batch"}
+    assert "train_batch" in inspect.signature(train).parameters
 
 
 def test_api_old_keyword_warns_and_still_works(digits_data):

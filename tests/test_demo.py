@@ -14,7 +14,12 @@ from invariscope.cli import run
 from invariscope.demo import OPT_IN_STAGES, DemoContext, demo_stages, format_seconds
 
 #: Every stage small: what a DemoContext reads from its notes.
-SMALL = {"max_images": 12, "max_train_steps": 3, "stn_data": "rotated-digits"}
+SMALL = {
+    "max_images": 12,
+    "max_train_steps": 3,
+    "finetune_epochs": 1,
+    "stn_data": "rotated-digits",
+}
 LINE = re.compile(r"^\[(?P<name>\w+) (?P<time>\d+ s|\d+ min \d+ s)\] (?P<text>.+)$")
 
 
@@ -31,8 +36,18 @@ def small(monkeypatch, tmp_path):
 
 
 def _stages(text: str) -> dict[str, str]:
-    """``name -> first line of its summary`` of every ``[name N s]`` line."""
-    return {m["name"]: m["text"] for m in map(LINE.match, text.splitlines()) if m}
+    """``name -> summary`` of every ``[name N s]`` line, with the lines that follow it up
+    to the next stage's."""
+    out: dict[str, str] = {}
+    name = None
+    for line in text.splitlines():
+        m = LINE.match(line)
+        if m:
+            name = m["name"]
+            out[name] = m["text"]
+        elif name is not None and not line.startswith("left out"):
+            out[name] += "\n" + line
+    return out
 
 
 def test_format_seconds():
@@ -55,7 +70,9 @@ def test_demo_trains_then_reuses_the_cache(tmp_path, small, capsys):
     assert "trained for 1 epochs" in lines["train"]
     # each stage states its finding with intervals
     assert re.search(r"P\(top-1 change\) \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", first)
-    assert "frame accuracy" in lines["shift"]
+    shift = lines["shift"].splitlines()
+    assert [line.split(":", 1)[0] for line in shift[1:]] == ["crop", "subpixel"]
+    assert all(line.split(": ", 1)[1].startswith("frame accuracy ") for line in shift[1:])
     assert lines["total"].startswith("outputs in")
     cached = list((tmp_path / "cache" / "models").glob("simple-cnn_digits_*.pt"))
     assert len(cached) == 2  # the demo model and the seed-1 network the stitch stage compares
@@ -78,9 +95,10 @@ def test_demo_trains_then_reuses_the_cache(tmp_path, small, capsys):
 
     # another epoch count is another cache entry, not a wrong reuse
     argv = ["demo", "--out", str(tmp_path / "out2"), "--epochs", "2", "--no-progress"]
-    assert run([*argv, "--stages", "worst_case"]) == 0
-    third = capsys.readouterr().out
-    assert "trained for 2 epochs" in third and "[worst_case " in third and "[sweep " not in third
+    assert run([*argv, "--stages", "equivariance"]) == 0
+    third = _stages(capsys.readouterr().out)
+    assert "trained for 2 epochs" in third["train"]
+    assert set(third) == {"train", "equivariance", "report", "total"}
     assert len(list((tmp_path / "cache" / "models").glob("simple-cnn_digits_*.pt"))) == 3
     assert run([*argv, "--stages", "nonsense"]) == 2
     assert "unknown demo stage 'nonsense'" in capsys.readouterr().err

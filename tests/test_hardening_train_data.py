@@ -61,7 +61,7 @@ def test_train_api_refuses_bad_settings(digits_data):
         ({"lr": float("nan")}, "--lr must be a finite number > 0"),
         ({"lr": -1.0}, "--lr must be a finite number > 0"),
         ({"epochs": 0}, "--epochs must be an integer of at least 1"),
-        ({"batch_size": 0}, "batch_size must be an integer of at least 1"),
+        ({"train_batch": 0}, "train_batch must be an integer of at least 1"),
         ({"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0"),
         ({"threads": 0}, "--threads must be an integer of at least 1"),
     ]:

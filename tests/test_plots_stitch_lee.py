@@ -348,9 +348,10 @@ def test_lee_lower_bound_below_zero_stays_on_the_log_axis():
     summary = summary.drop(columns=["lee_abs", "lee_abs_low", "lee_abs_high"])
     tables["lee_summary"] = summary
     fig = lee._lee_figure(tables)
-    (ax,) = [ax for ax in fig.axes if ax.patches]  # no lee_abs: one panel
-    assert ax.get_ylim()[0] > 0
-    heights = [p.get_height() for p in ax.patches if isinstance(p, Rectangle)]
+    panels = [ax for ax in fig.axes if ax.patches]  # no lee_abs: one row, a panel per unit
+    assert len(panels) == len(TRANSFORMS)
+    assert all(ax.get_ylim()[0] > 0 for ax in panels)
+    heights = [p.get_height() for ax in panels for p in ax.patches if isinstance(p, Rectangle)]
     np.testing.assert_allclose(heights, summary["lee"])
 
 

@@ -347,7 +347,9 @@ def shift_stage(ctx: DemoContext) -> str:
     change) is lower with intervals that do not overlap."""
     from invariscope.measure.shift import shift_stability
 
-    aa, aa_acc = antialiased_or_load(ctx, "blurpool")
+    aa, aa_acc = antialiased_or_load(
+        ctx, "blurpool", epochs=int(ctx.notes.get("finetune_epochs", 2))
+    )
     protocols = list(ctx.notes.get("shift_protocols", DEMO_SHIFT_PROTOCOLS))
     res = shift_stability(
         aa,

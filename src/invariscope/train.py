@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from invariscope._deprecation import renamed_arguments
 from invariscope.data.batches import iter_batches
 from invariscope.engine.execution import (  # noqa: F401 - re-exported
     deterministic_training,
@@ -134,7 +135,7 @@ def check_train_settings(
     ``epochs`` and ``batch_size`` must be integers >= 1, ``lr`` a finite number > 0 and
     ``weight_decay`` a finite number >= 0 (NaN and infinities are refused).
     """
-    batch_name = hint("batch_size", "--train-batch")
+    batch_name = hint("train_batch", "--train-batch")
     for name, value in (("--epochs", epochs), (batch_name, batch_size)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise InvariscopeError(f"{name} must be an integer of at least 1, got {value!r}")
@@ -193,13 +194,14 @@ def checkpoint_name(model_name: str, data_name: str, key: str | None = None) -> 
     return stem + ".pt"
 
 
+@renamed_arguments(batch_size="train_batch")
 def train(
     model: nn.Module,
     train_set: Dataset,
     *,
     test_set: Dataset | None = None,
     epochs: int = 5,
-    batch_size: int = 64,
+    train_batch: int = 64,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     seed: int = 0,
@@ -228,12 +230,14 @@ def train(
     Args:
         model: a classifier taking ``[B, C, H, W]`` images in ``[0, 1]``.
         train_set, test_set: datasets yielding ``(image, label)``.
+        train_batch: training images per optimiser step (``--train-batch``; the old
+            name ``batch_size`` still works, with a DeprecationWarning).
         augment: ``{transform_name: (low, high)}``; see :func:`augment_batch`.
         progress: show a tqdm progress bar on stderr.
         threads: intra-op CPU threads for this call (``torch.set_num_threads``, restored
             after); None keeps the current count.
     """
-    check_train_settings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay)
+    check_train_settings(epochs=epochs, batch_size=train_batch, lr=lr, weight_decay=weight_decay)
     if len(train_set) == 0:
         raise InvariscopeError("the training set is empty; check --data")
     check_classes(train_set)
@@ -258,13 +262,13 @@ def train(
         # state the caller's global RNG is in; fork_rng restores that state afterwards
         torch.manual_seed(seed + 2)
         history = _train_loop(
-            model, train_set, test_set, epochs, batch_size, lr, weight_decay, seed, dev,
+            model, train_set, test_set, epochs, train_batch, lr, weight_decay, seed, dev,
             augment, progress,
         )  # fmt: skip
     model.eval()
     config = {
         "epochs": epochs,
-        "batch_size": batch_size,
+        "batch_size": train_batch,
         "lr": lr,
         "weight_decay": weight_decay,
         "seed": seed,

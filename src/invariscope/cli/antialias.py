@@ -252,7 +252,7 @@ def antialias_cmd(
                 train_set,
                 test_set=test_set,
                 epochs=finetune_epochs,
-                batch_size=train_batch,
+                train_batch=train_batch,
                 lr=lr,
                 seed=seed,
                 device=dev,

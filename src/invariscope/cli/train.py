@@ -151,7 +151,7 @@ def train_cmd(
         train_set,
         test_set=test_set,
         epochs=epochs,
-        batch_size=train_batch,
+        train_batch=train_batch,
         lr=lr,
         seed=seed,
         device=dev,

@@ -301,6 +301,7 @@ class EquivarianceAnalysis(Analysis):
         self.n_train = self.train_images if self.train_images is not None else min(1000, n)
         if self.method != "none" and self.n_train < 2:
             raise InvariscopeError("the training split needs at least 2 images to fit a map")
+        default_layers = self.layers is None
         shapes = self._shapes(ctx, x)
         self.geometry = {}
         model = None if self.hog is not None else ctx.models["model"]
@@ -313,10 +314,33 @@ class EquivarianceAnalysis(Analysis):
         self.index, self.back = {}, {}
         self.layer_structured: dict[str, int | None] = {}
         self._auto_structured: list[str] = []
+        too_big = []
+        for name in self.layers:
+            try:
+                self.layer_structured[name] = self._neighbourhood(name, self.geometry[name])
+            except InvariscopeError:
+                if not default_layers:
+                    raise
+                too_big.append(name)
+        if too_big:  # by default, layers too large for any map are left out (said once)
+            if len(too_big) == len(self.layers):
+                raise InvariscopeError(
+                    f"the regression statistics of every layer would exceed "
+                    f"{MAX_STAT_ENTRIES:,} numbers, even with 1x1 structured maps; use a "
+                    "transformation layer alone (--method none --transformation-layer l2) or "
+                    "smaller images"
+                )
+            log.warning(
+                "equivariance: layer(s) %s left out: their regression statistics would exceed "
+                "%s numbers even with 1x1 structured maps (a transformation layer alone, "
+                "--method none, can map them)",
+                ", ".join(too_big),
+                f"{MAX_STAT_ENTRIES:,}",
+            )
+            self.layers = [n for n in self.layers if n not in too_big]
         for li, name in enumerate(self.layers):
             geom = self.geometry[name]
-            m = self._neighbourhood(name, geom)
-            self.layer_structured[name] = m
+            m = self.layer_structured[name]
             for ti, t in enumerate(self.transforms):
                 back = back_projection(geom, geom, t, H, W)
                 self.back[(li, ti)] = back
@@ -348,7 +372,9 @@ class EquivarianceAnalysis(Analysis):
                 if stat_entries(p, n**2 * c, c) <= MAX_STAT_ENTRIES
             ]
             m = fits[0] if fits else 1
-            self._auto_structured.append(f"{name} ({c}x{geom.height}x{geom.width}): m = {m}")
+            auto = f"{name} ({c}x{geom.height}x{geom.width}): m = {m}"
+        else:
+            auto = None
         size = dense if m is None else stat_entries(p, m**2 * c, c)
         if size > MAX_STAT_ENTRIES:
             raise InvariscopeError(
@@ -357,6 +383,8 @@ class EquivarianceAnalysis(Analysis):
                 f"use {hint('structured=M', '--structured M')} with a small M, a "
                 "smaller layer, or a transformation layer with method 'none'"
             )
+        if auto is not None:
+            self._auto_structured.append(auto)
         return m
 
     def _check_train(self, ctx, x: torch.Tensor) -> None:
