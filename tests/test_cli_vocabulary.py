@@ -295,6 +295,21 @@ def test_alignment_and_equivariance_magnitudes(monkeypatch, tmp_path):
     ]
 
 
+def test_equivariance_api_takes_magnitudes():
+    from invariscope.measure.equivariance import _with_magnitudes
+
+    assert _with_magnitudes("hflip, rotation", {"rotation": [15, 45.5]}) == [
+        "hflip",
+        "rotation=15",
+        "rotation=45.5",
+    ]
+    assert _with_magnitudes(["zoom", "vflip"], {"zoom": 0.5}) == ["zoom=0.5", "vflip"]
+    with pytest.raises(InvariscopeError, match="magnitudes for zoom, which is not among"):
+        _with_magnitudes("hflip", {"zoom": 2})
+    with pytest.raises(InvariscopeError, match="'zoom=0.5': give its magnitude once"):
+        _with_magnitudes("zoom=0.5", {"zoom": 2})
+
+
 def test_equivariance_magnitudes_refusals(capsys, tmp_path):
     args = ["equivariance", "--model", "hog", "--data", "digits", "--out", str(tmp_path / "r")]
     assert run([*args, "--transforms", "hflip", "--magnitudes", "zoom=0.5"]) == 2
@@ -353,6 +368,14 @@ def test_image_size_error_names_the_option_of_the_interface():
     assert "load the folder with image_size=N" in str(_load_error(err))
     with command_line():
         assert "pass --image-size N" in str(_load_error(err))
+
+
+def test_image_size_on_a_dataset_of_one_size_is_refused(capsys, tmp_path):
+    argv = ["train", "--data", "digits", "--image-size", "32", "--out", str(tmp_path / "m.pt")]
+    assert run(argv) == 2
+    err = one_line_error(capsys)
+    assert "dataset 'digits' has one image size; leave out --image-size" in err
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_image_size_default_and_option(mixed_folder):
@@ -508,3 +531,14 @@ def test_every_analysis_function_draws_figures_when_given_out(digits_data, tmp_p
     calls["lie_derivative"](out=tmp_path / "no-figures", figures=False)
     calls["lie_derivative"]()  # no out: nowhere to draw
     assert len(asked) == len(calls)
+
+
+def test_module_doctests():
+    import doctest
+
+    from invariscope import _deprecation
+    from invariscope.cli import _vocab
+
+    for module in (_vocab, _deprecation):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

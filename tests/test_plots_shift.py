@@ -203,7 +203,8 @@ def test_single_model_without_models_table_uses_the_role(tmp_path):
     assert len(titles) == len(PROTOCOLS)
     assert all(t.startswith("model — ") for t in titles)
     stability = plots._stability_figure(tables)
-    (legend,) = [ax.get_legend() for ax in stability.axes if ax.get_legend()]
+    # in a free panel, or beside the panels when none is free
+    (legend,) = [ax.get_legend() for ax in stability.axes if ax.get_legend()] + stability.legends
     assert legend.get_texts()[0].get_text() == "model"
 
 
@@ -259,10 +260,21 @@ def test_stability_bars_match_summary_and_nan_consistency_is_marked():
     fig = plots._stability_figure(tables)
     panels = [ax for ax in fig.axes if ax.get_title()]
     titles = [ax.get_title() for ax in panels]
-    assert len(panels) == 5
-    assert "FP" in titles[1] and "flip probability" in titles[1]
-    consistency = panels[2]
-    assert "consistency" in titles[2]
+    assert len(panels) == 6
+    assert titles[0] == "accuracy on the frames"  # accuracy beside the stability measures
+    accuracy = [p.get_height() for p in panels[0].patches if isinstance(p, Rectangle)]
+    summary = tables["shift_summary"]
+    expected = [
+        summary[(summary.model == role) & (summary.protocol == p)].accuracy.iloc[0]
+        for role in ("baseline", "model")
+        for p in PROTOCOLS
+    ]
+    np.testing.assert_allclose(accuracy, expected)
+    (chance,) = [line for line in panels[0].lines if line.get_linestyle() == "--"]
+    assert chance.get_ydata()[0] == pytest.approx(1 / len(tables["classes"]))
+    assert "FP" in titles[2] and "flip probability" in titles[2]
+    consistency = panels[3]
+    assert "consistency" in titles[3]
     bars = [p for p in consistency.patches if isinstance(p, Rectangle)]
     summary = tables["shift_summary"]
     expected = [
@@ -273,9 +285,9 @@ def test_stability_bars_match_summary_and_nan_consistency_is_marked():
     heights = [b.get_height() for b in bars]
     np.testing.assert_allclose(heights, np.nan_to_num(expected, nan=0.0))
     assert "n/a" in [t.get_text() for t in consistency.texts]
-    for ax in panels[:4]:  # fractions
+    for ax in panels[:5]:  # fractions
         assert ax.get_ylim()[0] == 0 and max(ax.get_yticks()) <= 1.0
-    (legend,) = [ax.get_legend() for ax in fig.axes if ax.get_legend()]  # in the free panel
+    (legend,) = [ax.get_legend() for ax in fig.axes if ax.get_legend()] + fig.legends
     texts = [t.get_text() for t in legend.get_texts()]
     assert texts[:2] == ["small-vgg.ckpt (baseline)", "small-vgg-blurpool.ckpt"]
 
@@ -287,7 +299,7 @@ def test_all_nan_metric_drops_its_panel():
     tables["shift_summary"] = summary
     fig = plots._stability_figure(tables)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
-    assert len(titles) == 4 and not any("consistency" in t for t in titles)
+    assert len(titles) == 5 and not any("consistency" in t for t in titles)
 
 
 def test_flip_rate_bars_and_baseline_line():

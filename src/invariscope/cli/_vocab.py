@@ -177,7 +177,7 @@ def range_values(option: str, name: str, start: float, stop: float, step: float)
     if start > stop:
         raise InvariscopeError(f"{option} {name}: START {start:g} exceeds STOP {stop:g}")
     count = int(math.floor((stop - start) / step + 1e-9)) + 1
-    return [round(start + i * step, 12) for i in range(count)]
+    return [float(round(start + i * step, 12)) for i in range(count)]
 
 
 def magnitude_values(option: str, values: Iterable[str] | str | None) -> dict[str, list[float]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from invariscope.data.base import DatasetInfo, ImageDataset, check_seed, check_size, check_split
-from invariscope.errors import InvariscopeError, unknown_name
+from invariscope.errors import InvariscopeError, hint, unknown_name
 
 GENERATED = ("digits", "glyphs", "shapes")
 PHOTOS = "photos"
@@ -94,6 +94,12 @@ def _check_options(name: str, kw: dict[str, Any], allowed: tuple[str, ...]) -> N
     extra = sorted(set(kw) - set(allowed))
     if extra:
         ok = ", ".join(allowed) if allowed else "none"
+        if extra[0] == "image_size" and "image_size" not in allowed:
+            raise InvariscopeError(
+                f"dataset '{name}' has one image size; "
+                + hint("leave out image_size", "leave out --image-size")
+                + " (it applies to image folders, shapes and photos)"
+            )
         raise InvariscopeError(
             f"dataset '{name}' does not take option '{extra[0]}'; it takes: {ok}"
         )

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -972,6 +972,36 @@ class EquivarianceResult:
     run_dir: Path | None = None
 
 
+def _with_magnitudes(
+    transforms: str | Sequence[str], magnitudes: Mapping[str, float | Sequence[float]]
+) -> list[str]:
+    """``transforms`` with the ``magnitudes`` of its names written in, one item per value."""
+    names = (
+        [t.strip() for t in transforms.split(",")]
+        if isinstance(transforms, str)
+        else list(transforms)
+    )
+    names = [n for n in names if n]
+    plain = {n.partition("=")[0].strip() for n in names}
+    extra = sorted(set(magnitudes) - plain)
+    if extra:
+        raise InvariscopeError(
+            f"magnitudes for {', '.join(extra)}, which is not among the transforms "
+            f"({', '.join(sorted(plain))}); add it to the transforms"
+        )
+    items: list[str] = []
+    for name in names:
+        if name not in magnitudes:
+            if "=" in name and name.partition("=")[0].strip() in magnitudes:
+                raise InvariscopeError(f"'{name}': give its magnitude once")
+            items.append(name)
+            continue
+        values = magnitudes[name]
+        values = [values] if isinstance(values, int | float) else list(values)
+        items.extend(f"{name}={float(v):.12g}" for v in values)
+    return items
+
+
 @renamed_arguments(steps="train_steps")
 def equivariance(
     model: nn.Module | HOG | str,
@@ -979,6 +1009,7 @@ def equivariance(
     train_set: Dataset,
     transforms: str | Sequence[str] = "hflip,vflip,rot90,zoom=0.5,rotation=45",
     *,
+    magnitudes: Mapping[str, float | Sequence[float]] | None = None,
     layers: Sequence[str] | None = None,
     method: str = "ridge",
     structured: int | None = None,
@@ -1007,12 +1038,17 @@ def equivariance(
     Figures: drawn into ``out/figures`` whenever ``out`` is given, unless
     ``figures=False`` (the same default for every analysis function).
 
+    ``magnitudes``: ``{name: value or values}`` for names in ``transforms``, one map per
+    value (``{"rotation": [15, 45]}`` is ``"rotation=15,rotation=45"``).
+
     >>> from invariscope.data import create_dataset
     >>> r = equivariance("hog", create_dataset("digits", "test"), create_dataset("digits", "train"),
     ...                  "hflip", train_images=64, images=16, progress=False)
     >>> sorted(set(r.reconstruction["map"]))
     ['none', 'permutation', 'regression']
     """
+    if magnitudes:
+        transforms = _with_magnitudes(transforms, magnitudes)
     hog = model if isinstance(model, HOG) else (HOG(cell=4) if model == "hog" else None)
     analysis = EquivarianceAnalysis(
         train_set,
