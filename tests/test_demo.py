@@ -4,6 +4,8 @@ optimiser steps), so it stays far from any timeout."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 
 import pytest
@@ -23,16 +25,32 @@ SMALL = {
 LINE = re.compile(r"^\[(?P<name>\w+) (?P<time>\d+ s|\d+ min \d+ s)\] (?P<text>.+)$")
 
 
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """``(folder, output)`` of the CLI's demo, every default stage small (``SMALL``), with a
+    fresh model cache; the module's other demo runs reuse it (each test stays short)."""
+    root = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INVARISCOPE_CACHE", str(root / "cache"))
+        real = invariscope.demo.run_demo
+        mp.setattr(invariscope.demo, "run_demo", lambda *a, **k: real(*a, notes=SMALL, **k))
+        default = [n for n, _ in demo_stages() if n not in OPT_IN_STAGES and n != "real"]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert run([*_argv(root / "out", 1), "--stages", ",".join(default)]) == 0
+    return root, out.getvalue()
+
+
 @pytest.fixture
-def small(monkeypatch, tmp_path):
-    """The CLI's ``run_demo`` with every stage small, and a fresh model cache."""
-    monkeypatch.setenv("INVARISCOPE_CACHE", str(tmp_path / "cache"))
+def small(monkeypatch, first_run):
+    """The CLI's ``run_demo`` with every stage small, on the first run's model cache."""
+    monkeypatch.setenv("INVARISCOPE_CACHE", str(first_run[0] / "cache"))
     real = invariscope.demo.run_demo
+    monkeypatch.setattr(invariscope.demo, "run_demo", lambda *a, **k: real(*a, notes=SMALL, **k))
 
-    def small_run(*args, **kwargs):
-        return real(*args, notes=SMALL, **kwargs)
 
-    monkeypatch.setattr(invariscope.demo, "run_demo", small_run)
+def _argv(out, epochs: int) -> list[str]:
+    return ["demo", "--out", str(out), "--epochs", str(epochs), "--no-progress"]
 
 
 def _stages(text: str) -> dict[str, str]:
@@ -59,48 +77,49 @@ def test_format_seconds():
     ]
 
 
-def test_demo_trains_then_reuses_the_cache(tmp_path, small, capsys):
-    argv = ["demo", "--out", str(tmp_path / "out"), "--epochs", "1", "--no-progress"]
+def test_demo_trains_and_every_stage_states_a_finding(first_run):
+    root, first = first_run
     default = [n for n, _ in demo_stages() if n not in OPT_IN_STAGES and n != "real"]
     assert "stn_benchmark" in OPT_IN_STAGES and "stn_benchmark" not in default
-    assert run([*argv, "--stages", ",".join(default)]) == 0  # real: its own test below
-    first = capsys.readouterr().out
     lines = _stages(first)
     assert set(lines) == {"train", *default, "report", "total"}
     assert "trained for 1 epochs" in lines["train"]
-    # each stage states its finding with intervals
-    assert re.search(r"P\(top-1 change\) \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", first)
+    # the shift stage: accuracy first, then P(top-1 change) with its 95% interval
+    assert re.search(r"P\(top-1 change\) \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", lines["shift"])
     shift = lines["shift"].splitlines()
     assert [line.split(":", 1)[0] for line in shift[1:]] == ["crop", "subpixel"]
     assert all(line.split(": ", 1)[1].startswith("frame accuracy ") for line in shift[1:])
     assert lines["total"].startswith("outputs in")
-    cached = list((tmp_path / "cache" / "models").glob("simple-cnn_digits_*.pt"))
+    cached = list((root / "cache" / "models").glob("simple-cnn_digits_*.pt"))
     assert len(cached) == 2  # the demo model and the seed-1 network the stitch stage compares
-    index = tmp_path / "out" / "report" / "index.html"
+    index = root / "out" / "report" / "index.html"
     assert index.is_file() and f"open {index}" in lines["report"]
-    assert (tmp_path / "out" / "sweep" / "screening" / "figures" / "accuracy.png").is_file()
-    assert (tmp_path / "out" / "shift" / "figures" / "shift_stability.png").is_file()
+    assert (root / "out" / "sweep" / "screening" / "figures" / "accuracy.png").is_file()
+    assert (root / "out" / "shift" / "figures" / "shift_stability.png").is_file()
 
+
+def test_demo_reuses_the_cache_and_runs_opt_in_stages_by_name(first_run, small, capsys):
+    root, first = first_run
+    lines = _stages(first)
     # the cached models, two stages and the opt-in one named explicitly
-    assert run([*argv, "--stages", "sweep,shift,stn_benchmark"]) == 0
-    second = capsys.readouterr().out
-    again = _stages(second)
+    assert run([*_argv(root / "again", 1), "--stages", "sweep,shift,stn_benchmark"]) == 0
+    again = _stages(capsys.readouterr().out)
     assert set(again) == {"train", "sweep", "shift", "stn_benchmark", "report", "total"}
     assert "reused from cache" in again["train"]
     assert again["train"].rsplit("test accuracy ", 1)[1] == lines["train"].rsplit(" ", 1)[1]
     # the same model gives the same sweep summary; the BlurPool version is cached too
-    assert again["sweep"] == lines["sweep"] and again["shift"] == lines["shift"]
-    assert len(list((tmp_path / "cache" / "models").glob("simple-cnn-blurpool_*.pt"))) == 1
+    assert again["sweep"] == lines["sweep"].replace(str(root / "out"), str(root / "again"))
+    assert again["shift"] == lines["shift"]
+    assert len(list((root / "cache" / "models").glob("simple-cnn-blurpool_*.pt"))) == 1
     assert "n = 1 seed (no interval): pose SD C0" in again["stn_benchmark"]
 
     # another epoch count is another cache entry, not a wrong reuse
-    argv = ["demo", "--out", str(tmp_path / "out2"), "--epochs", "2", "--no-progress"]
-    assert run([*argv, "--stages", "equivariance"]) == 0
+    assert run([*_argv(root / "out2", 2), "--stages", "equivariance"]) == 0
     third = _stages(capsys.readouterr().out)
     assert "trained for 2 epochs" in third["train"]
     assert set(third) == {"train", "equivariance", "report", "total"}
-    assert len(list((tmp_path / "cache" / "models").glob("simple-cnn_digits_*.pt"))) == 3
-    assert run([*argv, "--stages", "nonsense"]) == 2
+    assert len(list((root / "cache" / "models").glob("simple-cnn_digits_*.pt"))) == 3
+    assert run([*_argv(root / "out2", 2), "--stages", "nonsense"]) == 2
     assert "unknown demo stage 'nonsense'" in capsys.readouterr().err
 
 

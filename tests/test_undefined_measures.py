@@ -40,7 +40,7 @@ def _run(classes: int):
         _model(classes),
         _data(classes),
         "circular",
-        steps=4,
+        frames=4,
         layers=(),
         consistency_pairs=1,
         progress=False,

@@ -20,9 +20,10 @@ from invariscope.cli._app import cli
 def report_cmd(run_dirs: tuple[Path, ...], out: Path) -> None:
     """Write an HTML report of finished runs to --out/index.html.
 
-    One section per run directory, in the order given: what the measure means and the
-    paper it comes from, the figures, the aggregate tables, the summary and the exact
-    configuration with the model and data fingerprints. The page is rendered from the
+    One section per run directory, in the analyses' registry order (sweeps first; runs
+    of one analysis in the order given): the headline finding, what the measure means and
+    the paper it comes from, pivoted tables with units, the figures, all stored values
+    (collapsed) and the exact configuration with the model and data fingerprints. The page is rendered from the
     stored results only (no model is loaded, nothing is measured) and works offline:
     open it from the file system, or copy the whole --out folder elsewhere.
 
