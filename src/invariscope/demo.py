@@ -417,8 +417,9 @@ def stitch_stage(ctx: DemoContext) -> str:
     diag = err[err["layer_a"] == err["layer_b"]].sort_values("order_a")
     cka = res.cka
     cka_diag = cka[cka["layer_a"] == cka["layer_b"]].set_index("layer_a")["cka"]
-    return "stitched error (seed 0 -> seed 1, same layer): " + ", ".join(
-        f"{r.layer_a.removeprefix('net.')} {r.error:.3f} (CKA {cka_diag.get(r.layer_a, float('nan')):.2f})"
+    return "stitched error (seed 0 -> seed 1, same layer; 95% interval): " + ", ".join(
+        f"{r.layer_a.removeprefix('net.')} {_interval(r, 'error')} "
+        f"(CKA {cka_diag.get(r.layer_a, float('nan')):.2f})"
         for r in diag.itertuples(index=False)
     )
 
@@ -436,8 +437,9 @@ def lee_stage(ctx: DemoContext) -> str:
         **ctx.run_options("lee"),
     )
     s = res.summary
-    return "LEE = E|d logits/dt|^2: " + ", ".join(
-        f"{r.transform} {r.lee:.3g} per {r.unit}^2" for r in s.itertuples(index=False)
+    return "LEE = E|d logits/dt|^2 (95% interval): " + ", ".join(
+        f"{r.transform} {r.lee:.3g} [{r.lee_low:.3g}, {r.lee_high:.3g}] per {r.unit}^2"
+        for r in s.itertuples(index=False)
     )
 
 

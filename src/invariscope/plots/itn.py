@@ -78,7 +78,7 @@ def _training_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
     tr = tr.sort_values("step")
     mapping = _mapping(tables)
     clean = _clean(tables)
-    fig = Figure(figsize=(13.0, 3.9), layout="constrained")
+    fig = Figure(figsize=(10.2, 3.9), layout="constrained")  # within 1600 px at 150 dpi
     ax_c, ax_i, ax_a = fig.subplots(1, 3)
     step = tr["step"].to_numpy()
     used = tr["loss_used"].astype(str).to_numpy()
@@ -168,8 +168,14 @@ def _k1_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
     examples = _present(tables, "example_probabilities")
     ex_ids = [] if examples is None else sorted(examples["example"].unique())[:4]
     mapping = _mapping(tables)
-    fig = Figure(figsize=(5.2 + 2.9 * len(ex_ids), 4.0), layout="constrained")
-    axes = fig.subplots(1, 1 + len(ex_ids), squeeze=False)[0]
+    if ex_ids:  # the curve above, the examples in a row below: within the page width
+        fig = Figure(figsize=(min(10.2, max(6.0, 2.5 * len(ex_ids))), 7.6), layout="constrained")
+        grid = fig.add_gridspec(2, len(ex_ids))
+        axes = [fig.add_subplot(grid[0, :])]
+        axes += [fig.add_subplot(grid[1, i]) for i in range(len(ex_ids))]
+    else:
+        fig = Figure(figsize=(5.2, 4.0), layout="constrained")
+        axes = [fig.add_subplot()]
     ax = axes[0]
     k1 = curve["k1"].to_numpy(dtype=float)
     ax.plot(k1, curve["accuracy"], color=_OKABE_ITO[0], marker="o", ms=3, label="top-1 accuracy")
@@ -352,7 +358,7 @@ def _transforms_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
             for c in p[0]
         )
     ]
-    cols = 4
+    cols = max(1, min(3, len(panels)))  # 3 panels of 3.3 inches: within 1600 px at 150 dpi
     rows = -(-len(panels) // cols)
     fig = Figure(figsize=(3.3 * cols, 2.9 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()

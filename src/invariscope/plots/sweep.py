@@ -54,6 +54,10 @@ _PALETTE = [
 ]
 
 
+#: The widest a figure is drawn (inches): 1600 px at the saved 150 dpi, less a margin.
+MAX_WIDTH_IN = 10.4
+
+
 def _colour(class_index: int) -> str:
     return _PALETTE[int(class_index) % len(_PALETTE)]
 
@@ -183,8 +187,11 @@ def plot_accuracy_curves(
     names = _names(classes)
     units, identity = _units(transforms)
     order = list(dict.fromkeys(accuracy["transform"]))
-    rows, cols = _grid(len(order))
-    fig = Figure(figsize=(3.6 * cols + 1.8, 2.9 * rows), layout="constrained")
+    # as many panels a row as fit the page (MAX_WIDTH_IN) at 3.4 inches or more each
+    cols = max(1, min(len(order), 4, int((MAX_WIDTH_IN - 1.8) // 3.4)))
+    rows = math.ceil(len(order) / cols)
+    panel = min(3.6, (MAX_WIDTH_IN - 1.8) / cols)
+    fig = Figure(figsize=(panel * cols + 1.8, 2.9 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     labels = []
     if class_accuracy is not None and len(class_accuracy):
@@ -259,7 +266,9 @@ def plot_softmax_curves(
     labels = list(labels)
     rows, cols = max(len(labels), 1), max(len(order), 1)
     # a fixed grid (no constrained layout): many panels stay cheap to draw
-    width, height = 3.3 * cols + 0.9, 2.3 * rows + 1.1
+    # panels narrow (to 2.4 inches) before the figure outgrows the page (MAX_WIDTH_IN)
+    width = max(2.4, min(3.3, (MAX_WIDTH_IN - 0.9) / cols)) * cols + 0.9
+    height = 2.3 * rows + 1.1
     fig = Figure(figsize=(width, height))
     fig.subplots_adjust(
         left=0.9 / width,
@@ -367,7 +376,10 @@ def plot_thresholds(
                 row += ["—", "—"]
         cells.append(row)
     fig = Figure(
-        figsize=(1.0 + 1.45 * len(header), 1.0 + 0.3 * (len(cells) + header_lines)),
+        figsize=(
+            1.0 + min(1.45, (MAX_WIDTH_IN - 1.0) / len(header)) * len(header),
+            1.0 + 0.3 * (len(cells) + header_lines),
+        ),
         layout="constrained",
     )
     ax = fig.subplots()
