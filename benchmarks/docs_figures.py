@@ -134,7 +134,7 @@ def main() -> None:
     from invariscope.demo import run_demo
 
     stages = args.stages.split(",") if args.stages else None
-    run_demo(args.runs, progress=False, stages=stages)
+    run_demo(args.runs, progress=False, stages=stages, full=True)  # stn_pose.png too
     written = copy_figures(Path(args.runs))
     if args.repro:
         written += repro_figures(Path(args.runs))

@@ -339,7 +339,9 @@ def check_class_count(model: nn.Module, classes: Sequence[str]) -> None:
         fix = imagenet_mismatch(classes, model) or (
             "use a model trained on this dataset (or a dataset with matching classes)"
         )
-        raise InvariscopeError(f"the model has {model_classes} classes but the dataset has {k}; {fix}")
+        raise InvariscopeError(
+            f"the model has {model_classes} classes but the dataset has {k}; {fix}"
+        )
 
 
 def label_by_model(

@@ -92,7 +92,6 @@ def _bars(
         )
     ax.set_xticks(x, list(table["label"]), rotation=20, ha="right")
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     top = max(float(v) + e for v, e in zip(table[column], errs, strict=True))
     if reference is not None and math.isfinite(reference[0]):
@@ -100,15 +99,9 @@ def _bars(
         ax.legend(loc="upper left", fontsize=8, frameon=True)
         top = max(top, reference[0])
     ax.set_ylim(0, 1.15 * top if top > 0 else 1.0)  # room for the note above the bars
-    ax.text(
-        0.99,
-        0.98,
-        f"error bars: ± 1 SD over {seeds} seeds" if seeds > 1 else "n = 1 seed: no error bars",
-        transform=ax.transAxes,
-        ha="right",
-        va="top",
-        fontsize=8,
-    )
+    # in the title, clear of the legend and the bars
+    note = f"error bars: ± 1 SD over {seeds} seeds" if seeds > 1 else "n = 1 seed: no error bars"
+    ax.set_title(f"{title}\n{note}", fontsize=10)
     return fig
 
 
