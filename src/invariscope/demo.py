@@ -493,6 +493,7 @@ def real_model_stage(ctx: DemoContext) -> str:
         photos,
         ["translate_x", "rotation", "zoom"],
         images=max(1, n // 3),
+        decompose=False,  # EfficientNet is not a chain of modules: no layer-wise split
         out=out / "lee",
         **options,
     )
