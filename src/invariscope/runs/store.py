@@ -32,6 +32,10 @@ Convention:
       in which parts finished. :func:`part_id` makes ids that sort in key order
       (integers zero-padded). The pandas index is not stored: read tables have a
       ``RangeIndex`` (``reset_index()`` first if the index carries data).
+    - Checksums: a part's marker holds the sha256 of each of its files, the manifest that
+      of each aggregate (``aggregate_sha256``). On resume a damaged part or aggregate is
+      removed (the run is first marked running) and computed again from the parts;
+      reading a damaged aggregate is refused with a one-line error.
     - Status: ``manifest.json`` says ``"running"`` from the first start until
       :meth:`RunStore.finalize` has written the aggregates; then ``"complete"``. Writing a
       new part or aggregate to a complete run sets it back to ``"running"``.
@@ -456,12 +460,16 @@ class RunStore:
     """A run directory: configuration, manifest, Parquet parts, aggregates, figures.
 
     Args:
-        run_dir: the directory (created with its parents if missing). A non-empty
-            directory that is not a run directory (no ``config.json``) is refused.
+        run_dir: the directory (created with its parents if missing). A directory that
+            is not a run of ours -- files but no ``config.json``, or a ``config.json`` that
+            a RunStore did not write -- is refused, with or without ``overwrite``, and left
+            untouched (no lock file is taken in it).
         config: the resolved configuration, a JSON-able dict (see :func:`canonical_json`).
         overwrite: discard the results already in ``run_dir`` (any configuration) and
-            start afresh. Without it, the same configuration resumes and a different one
-            is refused with an error naming the differing keys.
+            start afresh: only what a run writes (config, manifest, meta, parts,
+            aggregates, figures, temporary files) is removed; other files stay. Without
+            it, the same configuration resumes and a different one is refused with an
+            error naming the differing keys.
         rank, world_size: this process's place in a distributed job (:func:`rank_from_env`).
         timeout: seconds a rank other than 0 waits for rank 0 to write ``config.json``.
         lock: rank 0 takes an exclusive OS lock on the run directory (``.lock``, holding
