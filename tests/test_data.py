@@ -276,7 +276,7 @@ def test_unknown_and_bad_names():
         create_dataset("rotated-shapes")
     with pytest.raises(InvariscopeError, match="split"):
         create_dataset("digits", "validation")
-    with pytest.raises(InvariscopeError, match="option 'image_size'"):
+    with pytest.raises(InvariscopeError, match="has one image size; leave out image_size"):
         create_dataset("digits", image_size=64)
     with pytest.raises(InvariscopeError, match="positive integer"):
         create_dataset("glyphs", size=0)

@@ -432,17 +432,17 @@ def test_render_redraws_a_stored_run(tmp_path, capsys):
     assert "not an invariscope run directory" in capsys.readouterr().err
 
 
-def test_readme_analysis_example_runs_and_is_right():
-    """The "Writing an analysis" example of the README, run as printed."""
+def test_docs_analysis_example_runs_and_is_right():
+    """The example of the documentation's "Writing an analysis" page, run as printed."""
     import re
 
     from invariscope.data import create_dataset
     from invariscope.engine.selection import select_indices
 
-    readme = (SRC.parents[1] / "README.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "MeanPixel" in b)
+    page = (SRC.parents[1] / "docs" / "writing-an-analysis.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "MeanPixel" in b)
     scope: dict = {}
-    exec(compile(block, "README.md", "exec"), scope)
+    exec(compile(block, "writing-an-analysis.md", "exec"), scope)
     data = create_dataset("digits", "test")
     chosen = select_indices(data, images=50, classes=None, seed=0)
     expected = data.images[chosen].mean(dim=(1, 2, 3)).double().mean().item()

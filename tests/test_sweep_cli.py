@@ -103,7 +103,7 @@ def test_cli_sweep_writes_tables_and_figures(cli_run, capsys):
     [
         (["--transforms", "spin"], "unknown transform 'spin'"),
         (["--transforms", "zoom", "--range", "zoom=-1:2:0.5"], "zoom"),
-        (["--transforms", "rotation", "--range", "rotation=0:x"], "not a number"),
+        (["--transforms", "rotation", "--range", "rotation=0:x"], "must be numbers, got 'x'"),
         (["--transforms", "rotation", "--classes", "eleven"], "unknown class"),
         (["--transforms", "rotation", "--data", "no-such-data"], "unknown dataset"),
         (["--transforms", "rotation", "--model", "no-such-model"], "no-such-model"),
