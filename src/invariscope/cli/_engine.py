@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 
+from invariscope.cli._util import image_size_option
 from invariscope.engine.runner import DEFAULT_MAX_WORK
 
 COMMON = (
@@ -186,15 +187,7 @@ _OPTIONS = [
         is_flag=True,
         help="Resize images to the model's input size inside the model wrapper.",
     ),
-    click.option(
-        "--image-size",
-        default=None,
-        type=click.IntRange(min=1),
-        metavar="N",
-        help="Read folder images at N x N: shorter side resized to N (antialiased), centre "
-        "crop [default: the model's square input size]; datasets with a size option "
-        "(shapes, photos) are made at N.",
-    ),
+    image_size_option("the model's square input size"),
     click.option(
         "--labels",
         default="dataset",

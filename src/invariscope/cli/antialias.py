@@ -9,6 +9,7 @@ import click
 
 from invariscope.cli._app import cli
 from invariscope.cli._engine import _data_options, _input_size
+from invariscope.cli._util import image_size_option
 from invariscope.cli._vocab import deprecated, magnitude_entries
 
 
@@ -86,14 +87,7 @@ from invariscope.cli._vocab import deprecated, magnitude_entries
     help="Number of fine-tuning images: generated datasets make this many, fixed ones take "
     "a seeded subset [default: the dataset's].",
 )
-@click.option(
-    "--image-size",
-    default=None,
-    type=click.IntRange(min=1),
-    metavar="N",
-    help="Read folder images at N x N: shorter side resized to N (antialiased), centre crop "
-    "[default: the model's square input size]; shapes and photos are made at N.",
-)
+@image_size_option("the model's square input size")
 @click.option(
     "--train-batch",
     default=64,

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from invariscope.cli._app import cli
+from invariscope.cli._util import image_size_option
 from invariscope.cli._vocab import deprecated, magnitude_entries
 
 
@@ -58,14 +59,7 @@ from invariscope.cli._vocab import deprecated, magnitude_entries
     help="Number of training images: generated datasets make this many, fixed ones take a "
     "seeded subset [default: the dataset's].",
 )
-@click.option(
-    "--image-size",
-    default=None,
-    type=click.IntRange(min=1),
-    metavar="N",
-    help="Read folder images at N x N: shorter side resized to N (antialiased), centre crop "
-    "[default: as stored, so they must share one size]; shapes and photos are made at N.",
-)
+@image_size_option("as stored, so they must share one size")
 @click.option(
     "--out",
     default=None,
