@@ -704,14 +704,16 @@ def test_sections_have_distinct_titles_and_open_with_the_headline(report):
         for chunk in text.split('<span class="title">')[1:]
     ]
     assert len(titles) == 4 and len(set(titles)) == 4
-    # the two sweeps share their configuration: both carry their run's name
+    # the two sweeps share their configuration and what they measured: both carry their
+    # run's name after "model on data"
     from invariscope.engine.registry import get_analysis
 
     entry = get_analysis("sweep")
     base = entry.analysis.section_title(entry.title, RunStore.open(order[0]).config)
     assert base.startswith(f"{entry.title}: gaussian_noise, rotation;")
-    assert titles[0] == html.escape(f"{base} (sweep)", quote=True)
-    assert titles[1] == html.escape(f"{base} ({WEIRD_NAME})", quote=True)
+    measured = f"{base}: {Path(RunStore.open(order[0]).meta['model_spec']).name} on digits"
+    assert titles[0] == html.escape(f"{measured} (sweep)", quote=True)
+    assert titles[1] == html.escape(f"{measured} ({WEIRD_NAME})", quote=True)
     sweep = text.split(f'id="{section_id(1, order[0])}"', 1)[1].split("</section>", 1)[0]
     marks = ['class="headline"', 'class="pivot"', "<figure", 'class="all-values"']
     where = [sweep.index(m) for m in marks]
@@ -736,3 +738,32 @@ def test_report_of_a_hand_made_alignment_run(tmp_path):
     assert pivot.count("<tr>") == 3  # header + conv1 + pool1
     assert "<th>layer</th>" in pivot and "translate_x 1 pixel" in pivot
     assert "rotation 45 degree" in pivot and "rotation 90 degree" not in pivot
+
+
+def test_coinciding_titles_are_told_apart_by_data_then_path_then_number(tmp_path):
+    """Two runs of one analysis on different data get "on <data>"; on the same data, the
+    shortest tail of their run paths that differs; the same path twice, their number."""
+    from types import SimpleNamespace
+
+    from invariscope.report.html import _distinct_titles
+
+    def run(k, path, data, model=None):
+        meta = {"model_spec": model} if model else {}
+        store = SimpleNamespace(meta=meta, config={"data": {"name": data}})
+        return SimpleNamespace(k=k, run_dir=tmp_path / path, store=store, title="Shift")
+
+    runs = [run(1, "a/shift", "digits"), run(2, "b/shift", "photos", "resnet18")]
+    _distinct_titles(runs)
+    assert [r.title for r in runs] == ["Shift: on digits", "Shift: resnet18 on photos"]
+
+    runs = [run(1, "a/shift", "digits"), run(2, "b/shift", "digits"), run(3, "x", "photos")]
+    _distinct_titles(runs)
+    assert [r.title for r in runs] == [
+        "Shift: on digits (a/shift)",
+        "Shift: on digits (b/shift)",
+        "Shift: on photos",
+    ]
+
+    runs = [run(1, "a/shift", "digits"), run(2, "a/shift", "digits")]
+    _distinct_titles(runs)
+    assert [r.title for r in runs] == ["Shift: on digits (run 1)", "Shift: on digits (run 2)"]

@@ -34,7 +34,7 @@ from invariscope.cli._app import cli
     "--full",
     is_flag=True,
     help="Also run the opt-in stages (stn_benchmark: table I's pose-SD comparison with the "
-    "--quick preset, several CPU-minutes).",
+    "--quick preset: 72 s on 2 idle cores, several minutes on a busy machine).",
 )
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def demo_cmd(

@@ -353,14 +353,48 @@ def _open(k: int, run_dir: Path) -> _Run:
     return run
 
 
+def _what_was_measured(run: _Run) -> str:
+    """``model on data`` from the run's meta (empty when unknown)."""
+    meta, config = run.store.meta, run.store.config
+    model = meta.get("model_spec")
+    data = meta.get("data_spec")
+    if not isinstance(data, str):
+        data = config.get("data", {}).get("name") if isinstance(config.get("data"), dict) else None
+    if not isinstance(data, str):
+        return ""
+    if isinstance(model, str):
+        return f"{Path(model).name if Path(model).suffix else model} on {data}"
+    return f"on {data}"
+
+
 def _distinct_titles(runs: list[_Run]) -> None:
-    """Runs whose titles coincide get their run directory's name appended."""
-    counts: dict[str, int] = {}
-    for run in runs:
-        counts[run.title] = counts.get(run.title, 0) + 1
-    for run in runs:
-        if counts[run.title] > 1:
-            run.title = f"{run.title} ({Path(os.path.abspath(run.run_dir)).name})"
+    """Runs whose titles coincide get what they measured appended (``model on data``),
+    then, where that still coincides, their run directory's path (as far up as tells them
+    apart), then their number."""
+
+    def clashing() -> list[_Run]:
+        counts: dict[str, int] = {}
+        for run in runs:
+            counts[run.title] = counts.get(run.title, 0) + 1
+        return [run for run in runs if counts[run.title] > 1]
+
+    for run in clashing():
+        what = _what_was_measured(run)
+        if what:
+            run.title = f"{run.title}: {what}"
+    for depth in (1, 2, 3):
+        clash = clashing()
+        if not clash:
+            return
+        base = {id(r): r.title for r in clash}
+        for run in clash:
+            parts = Path(os.path.abspath(run.run_dir)).parts[-depth:]
+            run.title = f"{base[id(run)]} ({'/'.join(parts)})"
+        if clashing():
+            for run in clash:
+                run.title = base[id(run)]
+    for run in clashing():
+        run.title = f"{run.title} (run {run.k})"
 
 
 def _figures_html(run: _Run) -> str:
