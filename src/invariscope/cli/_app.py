@@ -42,7 +42,22 @@ def cli(verbose: int) -> None:
       invariscope train --model simple-cnn --data digits --epochs 5 --out model.pt
     """
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    if not root.handlers:  # as logging.basicConfig: leave a configured logging alone
+        handler = logging.StreamHandler()
+        handler.setFormatter(_Formatter())
+        root.addHandler(handler)
+        root.setLevel(level)
+
+
+class _Formatter(logging.Formatter):
+    """Warnings and errors read like the command's own one-line messages
+    (``invariscope: warning: ...``); -v / -vv output names its logger."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno >= logging.WARNING:
+            return f"invariscope: {record.levelname.lower()}: {record.getMessage()}"
+        return f"{record.levelname} {record.name}: {record.getMessage()}"
 
 
 def _load_commands() -> None:
