@@ -296,18 +296,18 @@ def test_alignment_and_equivariance_magnitudes(monkeypatch, tmp_path):
 
 
 def test_equivariance_api_takes_magnitudes():
-    from invariscope.measure.equivariance import _with_magnitudes
+    from invariscope.measure.equivariance import with_magnitudes
 
-    assert _with_magnitudes("hflip, rotation", {"rotation": [15, 45.5]}) == [
+    assert with_magnitudes("hflip, rotation", {"rotation": [15, 45.5]}) == [
         "hflip",
         "rotation=15",
         "rotation=45.5",
     ]
-    assert _with_magnitudes(["zoom", "vflip"], {"zoom": 0.5}) == ["zoom=0.5", "vflip"]
+    assert with_magnitudes(["zoom", "vflip"], {"zoom": 0.5}) == ["zoom=0.5", "vflip"]
     with pytest.raises(InvariscopeError, match="magnitudes for zoom, which is not among"):
-        _with_magnitudes("hflip", {"zoom": 2})
+        with_magnitudes("hflip", {"zoom": 2})
     with pytest.raises(InvariscopeError, match="'zoom=0.5': give its magnitude once"):
-        _with_magnitudes("zoom=0.5", {"zoom": 2})
+        with_magnitudes("zoom=0.5", {"zoom": 2})
 
 
 def test_equivariance_magnitudes_refusals(capsys, tmp_path):

@@ -23,7 +23,7 @@ DEFAULT_MAGNITUDES = {"zoom": [0.5], "rotation": [45.0]}
 
 def _transform_items(transforms: str | None, magnitudes: tuple[str, ...]) -> list[str]:
     """``--transforms`` and ``--magnitudes`` as the analysis's ``NAME[=V]`` items."""
-    from invariscope.errors import InvariscopeError
+    from invariscope.measure.equivariance import with_magnitudes
 
     given = magnitude_values("--magnitudes", magnitudes)
     names = list(DEFAULT_TRANSFORMS) if transforms is None else split_list(transforms)
@@ -31,22 +31,7 @@ def _transform_items(transforms: str | None, magnitudes: tuple[str, ...]) -> lis
         given = {**DEFAULT_MAGNITUDES, **given}
     if any("=" in n for n in names):
         warn("--transforms NAME=V is deprecated; use --transforms NAME --magnitudes NAME=V")
-    plain = {n.partition("=")[0].strip() for n in names}
-    extra = sorted(set(given) - plain)
-    if extra:
-        raise InvariscopeError(
-            f"--magnitudes names {', '.join(extra)}, which is not among --transforms "
-            f"({', '.join(sorted(plain))}); add it to --transforms"
-        )
-    items: list[str] = []
-    for name in names:
-        if "=" in name and name.partition("=")[0].strip() in given:
-            raise InvariscopeError(f"'{name}': give the magnitude once, with --magnitudes")
-        if "=" in name or name not in given:
-            items.append(name)
-        else:
-            items.extend(f"{name}={v:.12g}" for v in given[name])
-    return items
+    return with_magnitudes(names, given, command_line=True)
 
 
 @cli.command("equivariance")

@@ -972,10 +972,15 @@ class EquivarianceResult:
     run_dir: Path | None = None
 
 
-def _with_magnitudes(
-    transforms: str | Sequence[str], magnitudes: Mapping[str, float | Sequence[float]]
+def with_magnitudes(
+    transforms: str | Sequence[str],
+    magnitudes: Mapping[str, float | Sequence[float]],
+    *,
+    command_line: bool = False,
 ) -> list[str]:
-    """``transforms`` with the ``magnitudes`` of its names written in, one item per value."""
+    """``transforms`` with the ``magnitudes`` of its names written in, one ``NAME=V`` item
+    per value (``equivariance(..., magnitudes=...)`` and ``--magnitudes``; the errors speak
+    the command line's words when ``command_line``)."""
     names = (
         [t.strip() for t in transforms.split(",")]
         if isinstance(transforms, str)
@@ -985,15 +990,23 @@ def _with_magnitudes(
     plain = {n.partition("=")[0].strip() for n in names}
     extra = sorted(set(magnitudes) - plain)
     if extra:
+        listed, known = ", ".join(extra), ", ".join(sorted(plain))
         raise InvariscopeError(
-            f"magnitudes for {', '.join(extra)}, which is not among the transforms "
-            f"({', '.join(sorted(plain))}); add it to the transforms"
+            f"--magnitudes names {listed}, which is not among --transforms ({known}); add it "
+            "to --transforms"
+            if command_line
+            else f"magnitudes for {listed}, which is not among the transforms ({known}); add "
+            "it to the transforms"
         )
     items: list[str] = []
     for name in names:
         if name not in magnitudes:
             if "=" in name and name.partition("=")[0].strip() in magnitudes:
-                raise InvariscopeError(f"'{name}': give its magnitude once")
+                raise InvariscopeError(
+                    f"'{name}': give the magnitude once, with --magnitudes"
+                    if command_line
+                    else f"'{name}': give its magnitude once"
+                )
             items.append(name)
             continue
         values = magnitudes[name]
@@ -1048,7 +1061,7 @@ def equivariance(
     ['none', 'permutation', 'regression']
     """
     if magnitudes:
-        transforms = _with_magnitudes(transforms, magnitudes)
+        transforms = with_magnitudes(transforms, magnitudes)
     hog = model if isinstance(model, HOG) else (HOG(cell=4) if model == "hog" else None)
     analysis = EquivarianceAnalysis(
         train_set,

@@ -109,6 +109,20 @@ _PANELS = (
 )
 
 
+def _log_error_bars(ax, x, values, low, high, keep, **style) -> tuple[np.ndarray, np.ndarray]:
+    """95% error bars of the bars ``keep`` on a log axis: a lower bound at or below 0
+    (mean - 1.96 SE) runs to a tenth of the smallest positive value, the axis's bottom.
+    Returns the drawn (lower, upper) bounds."""
+    shown = _positive(values)
+    floor = shown.min() / 10 if len(shown) else 1e-12
+    lower = np.where(np.isfinite(low), np.maximum(low, floor), values)
+    upper = np.where(np.isfinite(high), high, values)
+    spans = np.nan_to_num(np.stack([values - lower, upper - values]), nan=0.0).clip(min=0.0)
+    if keep.any() and (np.isfinite(low) | np.isfinite(high)).any():
+        ax.errorbar(x[keep], values[keep], yerr=spans[:, keep], fmt="none", ecolor="black", **style)
+    return lower, upper
+
+
 def _unit_label(label: str, unit: str) -> str:
     """A y label's generic ``unit`` replaced by the panel's own (``per px²``)."""
     return label.replace("unit", unit) if unit else label
@@ -131,22 +145,7 @@ def _lee_panel(ax, sub, column, title, ylabel, unit, units, colours) -> bool:
         edgecolor="black",
         linewidth=0.5,
     )
-    shown = _positive(values)
-    floor = shown.min() / 10 if len(shown) else 1e-12
-    # a lower bound at or below 0 (mean - 1.96 SE) runs to the bottom of the log axis
-    lower = np.where(np.isfinite(low), np.maximum(low, floor), values)
-    upper = np.where(np.isfinite(high), high, values)
-    spans = np.nan_to_num(np.stack([values - lower, upper - values]), nan=0.0).clip(min=0.0)
-    if (np.isfinite(low) | np.isfinite(high)).any():
-        ax.errorbar(
-            x[finite],
-            values[finite],
-            yerr=spans[:, finite],
-            fmt="none",
-            ecolor="black",
-            elinewidth=0.9,
-            capsize=3,
-        )
+    lower, upper = _log_error_bars(ax, x, values, low, high, finite, elinewidth=0.9, capsize=3)
     medians = np.full(len(transforms), np.nan)
     has_median = False
     if column == "lee" and "median_lee" in sub.columns:
@@ -370,8 +369,6 @@ def _lee_contrib_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
         high = sub.get("high", pd.Series(np.nan, index=sub.index)).to_numpy(dtype=float)
         x = np.arange(len(names), dtype=float)
         positive = np.isfinite(values) & (values > 0)
-        shown = _positive(values)
-        floor = shown.min() / 10 if len(shown) else 1e-12
         ax.bar(
             x[positive],
             values[positive],
@@ -380,20 +377,9 @@ def _lee_contrib_figure(tables: Mapping[str, pd.DataFrame]) -> Figure | None:
             edgecolor="black",
             linewidth=0.5,
         )
-        # a lower bound at or below 0 (mean - 1.96 SE) runs to the bottom of the log axis
-        lower = np.where(np.isfinite(low), np.maximum(low, floor), values)
-        upper = np.where(np.isfinite(high), high, values)
-        spans = np.nan_to_num(np.stack([values - lower, upper - values]), nan=0.0).clip(min=0.0)
-        if positive.any() and (np.isfinite(low) | np.isfinite(high)).any():
-            ax.errorbar(
-                x[positive],
-                values[positive],
-                yerr=spans[:, positive],
-                fmt="none",
-                ecolor="black",
-                elinewidth=0.8,
-                capsize=2,
-            )
+        lower, upper = _log_error_bars(
+            ax, x, values, low, high, positive, elinewidth=0.8, capsize=2
+        )
         ax.set_yscale("log")
         # an exactly zero contribution (an equivariant layer) has no bar on a log axis
         for xv, v in zip(x, values, strict=True):
